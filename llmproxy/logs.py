@@ -1,0 +1,120 @@
+"""Logging set-up: text or JSON lines, one record per request, secrets scrubbed on the way out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from typing import Any
+
+from .exchange import Exchange
+
+ACCESS_LOGGER = "llmproxy.access"
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+# Last line of defence: whatever a message or traceback holds, these never leave the process.
+_SECRET_RES = (
+    (re.compile(r"(?i)([?&](?:key|api_key|api-key|access_token)=)[^&#\s\"'<>]+"), r"\1REDACTED"),
+    (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=\-]{6,}"), r"\1REDACTED"),
+    (re.compile(r"(?i)((?:x-api-key|x-goog-api-key|authorization)[\"']?\s*[:=]\s*[\"']?)"
+                r"[^\s\"',}]{6,}"), r"\1REDACTED"),
+    (re.compile(r"\b(sk-(?:ant-)?|AIza)[A-Za-z0-9_\-]{8,}"), r"\1REDACTED"),
+)
+
+_RECORD_FIELDS = ("request_id", "method", "path", "provider", "model", "status", "streaming",
+                  "duration_ms", "ttfb_ms", "input_tokens", "output_tokens", "total_tokens",
+                  "cached_tokens", "reasoning_tokens", "finish_reason", "outcome", "error_kind",
+                  "user", "key_fingerprint", "request_bytes", "response_bytes")
+
+
+def scrub(text: str) -> str:
+    for pattern, repl in _SECRET_RES:
+        text = pattern.sub(repl, text)
+    return text
+
+
+class _ScrubbingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(super().format(record))
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line; a request record's fields are top-level keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return scrub(json.dumps(entry, default=str, separators=(",", ":")))
+
+
+class TextFormatter(_ScrubbingFormatter):
+    """``time level logger message key=value ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
+        line = super().format(record)
+        if isinstance(fields, dict):
+            line += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        return scrub(line)
+
+
+def configure(level: str, fmt: str) -> None:
+    """Send every ``llmproxy`` logger (and gunicorn's error log) through one scrubbing handler."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger("llmproxy")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+    for other in logging.getLogger("gunicorn.error").handlers:
+        if not isinstance(other.formatter, (JSONFormatter, _ScrubbingFormatter)):
+            other.setFormatter(_ScrubbingFormatter(
+                other.formatter._fmt if other.formatter else None))  # noqa: SLF001
+
+
+def record_of(ex: Exchange) -> dict[str, Any]:
+    """The request's log record: what was called, by whom, how it ended, what it used."""
+    usage = ex.meta.usage
+    return {
+        "request_id": ex.request_id,
+        "method": ex.method,
+        "path": ex.path,
+        "provider": ex.provider,
+        "model": ex.model,
+        "status": ex.status,
+        "streaming": ex.streaming,
+        "duration_ms": round((ex.duration or 0.0) * 1000, 2),
+        "ttfb_ms": round(ex.ttfb * 1000, 2) if ex.ttfb is not None else None,
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "finish_reason": ex.meta.finish_reason,
+        "outcome": ex.outcome,
+        "error_kind": ex.error_kind,
+        "user": ex.user,
+        "key_fingerprint": ex.key_fingerprint,
+        "request_bytes": ex.request_bytes,
+        "response_bytes": ex.response_bytes,
+        "upstream_request_id": ex.meta.response_id,
+    }
+
+
+def log_exchange(ex: Exchange) -> None:
+    """Terminal-event listener: exactly one access record per request."""
+    level = logging.DEBUG if ex.provider is None and ex.path.startswith("/health") \
+        else logging.INFO
+    if access_log.isEnabledFor(level):
+        access_log.log(level, "request completed", extra={"fields": record_of(ex)})

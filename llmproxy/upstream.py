@@ -1,0 +1,165 @@
+"""The one place that talks to providers: a pooled session per worker and error translation.
+
+Library exceptions (requests, urllib3, socket) are translated here into
+:class:`UpstreamError` with a ``kind``, so nothing else needs to know them.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import HTTPError as Urllib3HTTPError
+from urllib3.exceptions import ReadTimeoutError
+
+# Hop-by-hop headers (RFC 9110 7.6.1) plus those the HTTP client must compute itself.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length"}
+
+READ_SIZE = 65536
+
+
+class UpstreamError(Exception):
+    """A provider call that failed without an HTTP response (or in the middle of one)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind  # connect | timeout | midstream | request_body
+        self.detail = detail  # for debug logs only: may hold addresses
+
+
+class _NoCookies(requests.cookies.RequestsCookieJar):
+    """Never keep a provider's cookies: the session is shared by every tenant of the worker."""
+
+    def set_cookie(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def request_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The client's headers minus hop-by-hop ones, ``Host`` and ``Content-Length``."""
+    out: dict[str, str] = {}
+    extra_hop: set[str] = set()
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "connection":
+            extra_hop.update(t.strip().lower() for t in value.split(","))
+        if lname in _REQUEST_DROP:
+            continue
+        out[name] = value
+    if extra_hop:
+        out = {k: v for k, v in out.items() if k.lower() not in extra_hop}
+    return out
+
+
+def response_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The provider's response headers minus hop-by-hop ones, exactly as sent otherwise."""
+    extra_hop = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    return [
+        (name, value) for name, value in headers.items()
+        if name.lower() not in HOP_BY_HOP and name.lower() not in extra_hop
+    ]
+
+
+class Upstream:
+    """One connection pool per worker process, shared by all its greenlets."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float, pool_maxsize: int) -> None:
+        self.timeout = (connect_timeout, read_timeout)
+        session = requests.Session()
+        session.trust_env = False  # no proxies or .netrc from the environment
+        session.headers.clear()  # send the client's headers only (no default Accept-Encoding)
+        session.cookies = _NoCookies()
+        adapter = HTTPAdapter(pool_connections=16, pool_maxsize=pool_maxsize, max_retries=0,
+                              pool_block=False)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        self.session = session
+
+    def send(self, method: str, url: str, headers: dict[str, str], body: Any) -> requests.Response:
+        """Send the request; the response body is left unread on the socket."""
+        try:
+            return self.session.request(
+                method, url, headers=headers, data=body, stream=True, timeout=self.timeout,
+                allow_redirects=False,
+            )
+        except requests.exceptions.ConnectTimeout as exc:
+            raise UpstreamError("connect", str(exc)) from None
+        except requests.exceptions.Timeout as exc:
+            raise UpstreamError("timeout", str(exc)) from None
+        except RequestBodyError:
+            raise
+        except requests.exceptions.ChunkedEncodingError as exc:
+            raise UpstreamError("connect", str(exc)) from None
+        except requests.exceptions.ConnectionError as exc:
+            if isinstance(exc.__context__, RequestBodyError):
+                raise exc.__context__ from None
+            reason = exc.args[0] if exc.args else None
+            if isinstance(reason, urllib3.exceptions.MaxRetryError):
+                reason = reason.reason
+            if isinstance(reason, ReadTimeoutError):
+                raise UpstreamError("timeout", str(exc)) from None
+            raise UpstreamError("connect", str(exc)) from None
+        except (requests.exceptions.RequestException, OSError) as exc:
+            raise UpstreamError("connect", str(exc)) from None
+
+    @staticmethod
+    def iter_raw(resp: requests.Response) -> Iterator[bytes]:
+        """Yield the body as received (still compressed), each piece as soon as it arrives."""
+        raw = resp.raw
+        try:
+            while True:
+                chunk = raw.read1(READ_SIZE, decode_content=False)
+                if not chunk:
+                    return
+                yield chunk
+        except (Urllib3HTTPError, OSError, socket.timeout, ValueError) as exc:
+            # A read timeout mid-stream arrives as a urllib3 error, not requests.Timeout.
+            raise UpstreamError("midstream", str(exc)) from None
+
+
+class RequestBodyError(Exception):
+    """Reading the client's request body failed or exceeded the size limit."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind  # too_large | client_read
+
+
+class BodyStream:
+    """The client's request body as a file-like object requests can stream upstream.
+
+    ``len`` lets requests send a Content-Length instead of chunked encoding; reading stops
+    with :class:`RequestBodyError` once more than ``limit`` bytes arrived.
+    """
+
+    def __init__(self, stream: Any, length: int | None, limit: int) -> None:
+        self._stream = stream
+        self.len = length or 0
+        self._limit = limit
+        self.read_bytes = 0
+
+    def read(self, size: int = READ_SIZE) -> bytes:
+        if size is None or size < 0:
+            size = READ_SIZE
+        try:
+            data: bytes = self._stream.read(size)
+        except Exception as exc:  # client went away or sent a malformed chunked body
+            raise RequestBodyError("client_read") from exc
+        self.read_bytes += len(data)
+        if self.read_bytes > self._limit:
+            raise RequestBodyError("too_large")
+        return data
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            data = self.read(READ_SIZE)
+            if not data:
+                return
+            yield data
