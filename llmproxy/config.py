@@ -76,7 +76,8 @@ def load_raw(
         if url and isinstance(provider, dict):
             provider["base_url"] = url
     if env.get("LOG_LEVEL"):
-        raw.setdefault("logging", {})["level"] = env["LOG_LEVEL"]
+        level = env["LOG_LEVEL"].lower()
+        raw.setdefault("logging", {})["level"] = "warning" if level == "warn" else level
     if env.get("LOG_FORMAT"):
         raw.setdefault("logging", {})["format"] = env["LOG_FORMAT"]
     return raw

@@ -1,4 +1,4 @@
-"""Errors in each provider's native JSON shape, so the official SDKs raise their usual exceptions."""
+"""Errors in each provider's native JSON shape, so the SDKs raise their usual exceptions."""
 
 from __future__ import annotations
 

@@ -7,6 +7,10 @@ import re
 from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
+from werkzeug.datastructures import Headers
+
+HeadersLike = Mapping[str, str] | Headers
+
 _KEY_PARAM_RE = re.compile(r"(?i)([?&](?:key|api_key|api-key|access_token)=)[^&#\s]*")
 _USER_RE = re.compile(r"^[\w.@:+\-]{1,128}$")
 
@@ -23,7 +27,7 @@ def redact_query(target: str) -> str:
     return _KEY_PARAM_RE.sub(r"\1REDACTED", target)
 
 
-def api_key(headers: Mapping[str, str], query: str) -> str | None:
+def api_key(headers: HeadersLike, query: str) -> str | None:
     """The caller's provider credential, wherever the SDK put it."""
     auth = headers.get("Authorization")
     if auth:
@@ -66,7 +70,7 @@ def clean_user(value: object) -> str | None:
 
 def resolve_user(
     path_user: str | None,
-    headers: Mapping[str, str],
+    headers: HeadersLike,
     body_user: str | None,
     query: str,
     ip: str,

@@ -6,7 +6,6 @@ Library exceptions (requests, urllib3, socket) are translated here into
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -119,7 +118,7 @@ class Upstream:
                 if not chunk:
                     return
                 yield chunk
-        except (Urllib3HTTPError, OSError, socket.timeout, ValueError) as exc:
+        except (TimeoutError, Urllib3HTTPError, OSError, ValueError) as exc:
             # A read timeout mid-stream arrives as a urllib3 error, not requests.Timeout.
             raise UpstreamError("midstream", str(exc)) from None
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 from flask import Blueprint, Response
 
 from ..config import ProviderSettings
+from ..identity import HeadersLike
 from ..parsers import ResponseParser, make_parser
 from ..request_info import RequestInfo, inspect_request
 
@@ -56,9 +56,9 @@ class Provider:
             return None
         return url
 
-    def inspect(self, method: str, path: str, query: str, headers: Mapping[str, str],
+    def inspect(self, method: str, path: str, query: str, headers: HeadersLike,
                 body: bytes | None) -> RequestInfo:
-        return inspect_request(self.dialect, method, path, query, headers, body)
+        return inspect_request(self.dialect, method, path, query, headers, body)  # type: ignore[arg-type]
 
     def parser(self, path: str, content_type: str | None,
                content_encoding: str | None) -> ResponseParser:

@@ -1,0 +1,63 @@
+"""Caller identity: keys, fingerprints, users, client IPs, redaction."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmproxy.identity import api_key, client_ip, fingerprint, redact_query, resolve_user
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "expected"),
+    [
+        ({"Authorization": "Bearer sk-one"}, "", "sk-one"),
+        ({"x-api-key": "sk-ant-two"}, "", "sk-ant-two"),
+        ({"x-goog-api-key": "AIza-three"}, "", "AIza-three"),
+        ({}, "alt=sse&key=AIza-four", "AIza-four"),
+        ({"Authorization": "Basic abc"}, "", None),
+        ({}, "monkey=1", None),
+    ],
+)
+def test_api_key_sources(headers: dict[str, str], query: str, expected: str | None) -> None:
+    assert api_key(headers, query) == expected
+
+
+def test_fingerprint_is_stable_and_does_not_contain_the_key() -> None:
+    fp = fingerprint("sk-secret-value")
+    assert fp == fingerprint("sk-secret-value") != fingerprint("sk-secret-valuf")
+    assert fp.startswith("fp_") and len(fp) == 19 and "secret" not in fp
+
+
+def test_redact_query_hides_every_credential_parameter() -> None:
+    target = "/v1beta/models/m:generateContent?alt=sse&key=AIzaSECRET&api_key=x2&keep=1"
+    redacted = redact_query(target)
+    assert "AIzaSECRET" not in redacted and "x2" not in redacted
+    assert redacted.endswith("alt=sse&key=REDACTED&api_key=REDACTED&keep=1")
+    assert redact_query("/v1/models") == "/v1/models"
+
+
+@pytest.mark.parametrize(
+    ("remote", "xff", "trusted", "expected"),
+    [
+        ("10.0.0.5", "1.2.3.4", 0, "10.0.0.5"),  # header ignored without trusted proxies
+        ("10.0.0.5", "1.2.3.4", 1, "1.2.3.4"),
+        ("10.0.0.5", "9.9.9.9, 1.2.3.4, 10.0.0.9", 2, "1.2.3.4"),  # forged first hop ignored
+        ("10.0.0.5", "1.2.3.4", 5, "1.2.3.4"),
+        ("127.0.0.1:5555", None, 0, "127.0.0.1"),
+        ("[::1]:5555", None, 0, "::1"),
+        ("::1", None, 0, "::1"),
+    ],
+)
+def test_client_ip(remote: str, xff: str | None, trusted: int, expected: str) -> None:
+    assert client_ip(remote, xff, trusted) == expected
+
+
+def test_user_resolution_order() -> None:
+    headers = {"X-User-ID": "hdr"}
+    assert resolve_user("path", headers, "body", "llm_user_id=q", "ip") == ("path", "path")
+    assert resolve_user(None, headers, "body", "", "ip") == ("hdr", "header")
+    assert resolve_user(None, {}, "body", "llm_user_id=q", "ip") == ("body", "body")
+    assert resolve_user(None, {}, None, "llm_user_id=q", "ip") == ("q", "query")
+    assert resolve_user(None, {}, None, "", "1.2.3.4") == ("1.2.3.4", "ip")
+    # Hostile values are not accepted as user ids (they become limit scopes and log fields).
+    assert resolve_user(None, {"X-User-ID": "a b\n"}, "x" * 500, "", "ip") == ("ip", "ip")

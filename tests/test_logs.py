@@ -1,0 +1,46 @@
+"""The scrubber: no credential survives a log line, whatever the message holds."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from llmproxy.logs import JSONFormatter, TextFormatter, scrub
+
+SECRETS = ["sk-proj-abcdef1234567890", "sk-ant-api03-abcdefgh12345678", "AIzaSyA1234567890abcdef"]
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "GET /gemini/v1beta/models/m:generateContent?key={s} failed",
+        "headers: {{'Authorization': 'Bearer {s}'}}",
+        'headers: {{"x-api-key": "{s}"}}',
+        "x-goog-api-key: {s}",
+        "HTTPSConnectionPool(host='h', port=443): Max retries exceeded with url: /x?alt=sse&key={s}",
+        "the key is {s}",
+    ],
+)
+def test_scrub_removes_keys(template: str) -> None:
+    for secret in SECRETS:
+        assert secret not in scrub(template.format(s=secret))
+
+
+def test_formatters_scrub_messages_fields_and_tracebacks() -> None:
+    secret = SECRETS[0]
+    try:
+        raise RuntimeError(f"boom Bearer {secret}")
+    except RuntimeError:
+        import sys
+
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("llmproxy.test", logging.ERROR, __file__, 1,
+                               "failed for %s", (f"?key={secret}",), exc_info)
+    record.fields = {"path": f"/x?key={secret}"}
+    for formatter in (JSONFormatter(), TextFormatter("%(message)s")):
+        line = formatter.format(record)
+        assert secret not in line
+    parsed = json.loads(JSONFormatter().format(record))
+    assert parsed["path"] == "/x?key=REDACTED"
