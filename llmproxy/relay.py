@@ -188,7 +188,8 @@ def _relay(ex: Exchange, provider: Provider, resp: requests.Response,
         if sse:
             headers = [(k, v) for k, v in headers if k.lower() != "cache-control"]
             headers += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
-        out = Response(_stream(ex, provider, resp, parser, sse), status=resp.status_code,
+        encoded = raw_headers.get("Content-Encoding", "identity").lower() != "identity"
+        out = Response(_stream(ex, provider, resp, parser, sse, encoded), status=resp.status_code,
                        headers=headers, direct_passthrough=True)
         # A generator that is never started never runs its finally: close on response close too.
         out.call_on_close(resp.close)
@@ -198,7 +199,7 @@ def _relay(ex: Exchange, provider: Provider, resp: requests.Response,
 
 
 def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: ResponseParser,
-            sse: bool) -> Iterator[bytes]:
+            sse: bool, encoded: bool) -> Iterator[bytes]:
     outcome = COMPLETED
     try:
         for chunk in Upstream.iter_raw(resp):
@@ -211,9 +212,10 @@ def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: R
         outcome = UPSTREAM_ERROR
         ex.error_kind = "midstream"
         log.debug("upstream %s stream broke: %s", ex.provider, identity.redact_query(exc.detail))
-        message = f"The {provider.name} API connection broke in the middle of the response."
-        prefix = b"" if parser.at_boundary else b"\n\n"
-        yield prefix + stream_error_event(provider.dialect, message, sse=sse or ex.streaming)
+        if not encoded:  # an event can't be spliced into a compressed body: just end it
+            message = f"The {provider.name} API connection broke in the middle of the response."
+            yield parser.terminator + stream_error_event(provider.dialect, message,
+                                                         sse=sse or ex.streaming)
     except GeneratorExit:
         outcome = CLIENT_ABORTED
         raise

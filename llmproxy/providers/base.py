@@ -58,7 +58,7 @@ class Provider:
 
     def inspect(self, method: str, path: str, query: str, headers: HeadersLike,
                 body: bytes | None) -> RequestInfo:
-        return inspect_request(self.dialect, method, path, query, headers, body)  # type: ignore[arg-type]
+        return inspect_request(self.dialect, method, path, query, headers, body)
 
     def parser(self, path: str, content_type: str | None,
                content_encoding: str | None) -> ResponseParser:
