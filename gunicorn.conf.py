@@ -41,3 +41,44 @@ accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 proc_name = "llmproxy"
+# gunicorn's runtime control socket is not used; several instances on one host would share
+# its default path.
+control_socket_disable = True
+
+# --- Metrics (prometheus-client multiprocess mode) -----------------------------------------
+# Every worker writes its metrics to files in PROMETHEUS_MULTIPROC_DIR and a scrape of any
+# worker reads them all. The master sets it before forking and empties it: counts from a
+# previous run must not come back. prometheus_client is not imported here (it imports ssl).
+# This lives in on_starting, not at module level: a reload on HUP re-reads this file while
+# workers still use the directory.
+import glob  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+_metrics_dir_created = False
+
+
+def on_starting(server):  # type: ignore[no-untyped-def]
+    global _metrics_dir_created
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for name in glob.glob(os.path.join(path, "*.db")):
+            os.remove(name)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llmproxy-metrics-")
+        _metrics_dir_created = True
+
+
+def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    # What prometheus_client.multiprocess.mark_process_dead does: drop a dead worker's
+    # live gauges (in-flight requests, open streams) so they stop counting.
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        for name in glob.glob(os.path.join(path, f"gauge_live*_{worker.pid}.db")):
+            os.remove(name)
+
+
+def on_exit(server):  # type: ignore[no-untyped-def]
+    if _metrics_dir_created:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

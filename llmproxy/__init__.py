@@ -15,6 +15,7 @@ from .config import ConfigError, Settings, build_settings, load_raw
 from .errors import error_response
 from .health import HealthTracker
 from .health import bp as health_bp
+from .pricing import PricingTable
 from .providers import build as build_provider
 from .state import EXTENSION_KEY, ProxyState, get_state
 from .upstream import Upstream
@@ -54,7 +55,7 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     )
     # Listener order matters only for reading: the access log comes first so that it is
     # also the one listener kept for requests that reach no provider (404s, /health).
-    state.on_finish(logs.log_exchange)
+    state.on_finish(logs.exchange_logger(PricingTable(settings.raw.get("pricing"))))
     state.on_finish(health.observe)
     app.extensions[EXTENSION_KEY] = state
 

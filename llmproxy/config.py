@@ -60,6 +60,9 @@ def load_raw(
     """base.yml <- <LLMPROXY_ENV>.yml <- $LLMPROXY_CONFIG <- ``overrides`` <- env vars."""
     env = os.environ if environ is None else environ
     raw = _read_yaml(CONFIG_DIR / "base.yml")
+    pricing = CONFIG_DIR / "pricing.yml"  # the price table lives in its own file
+    if pricing.exists():
+        raw = deep_merge(raw, _read_yaml(pricing))
     env_name = env.get("LLMPROXY_ENV", "dev")
     if not _NAME_RE.match(env_name):
         raise ConfigError("LLMPROXY_ENV", f"invalid environment name {env_name!r}")

@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from flask import Blueprint, Response, current_app, json
+from flask import Blueprint, Response, current_app, json, request
 
 from . import buildinfo
 from .exchange import Exchange
@@ -75,6 +75,10 @@ _STARTED = time.time()
 def health() -> Response:
     from .state import get_state
 
+    if request.args.get("ready"):
+        from .metrics import readiness_response
+
+        return readiness_response(current_app)
     state = get_state(current_app)
     providers = {}
     for name, provider in state.providers.items():

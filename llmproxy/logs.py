@@ -6,12 +6,15 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .exchange import Exchange
+from .pricing import PricingTable, exchange_cost
 
 ACCESS_LOGGER = "llmproxy.access"
 access_log = logging.getLogger(ACCESS_LOGGER)
+_QUIET_PATHS = ("/health", "/metrics")
 
 # Last line of defence: whatever a message or traceback holds, these never leave the process.
 _SECRET_RES = (
@@ -21,12 +24,6 @@ _SECRET_RES = (
                 r"[^\s\"',}]{6,}"), r"\1REDACTED"),
     (re.compile(r"\b(sk-(?:ant-)?|AIza)[A-Za-z0-9_\-]{8,}"), r"\1REDACTED"),
 )
-
-_RECORD_FIELDS = ("request_id", "method", "path", "provider", "model", "status", "streaming",
-                  "duration_ms", "ttfb_ms", "input_tokens", "output_tokens", "total_tokens",
-                  "cached_tokens", "reasoning_tokens", "finish_reason", "outcome", "error_kind",
-                  "user", "key_fingerprint", "request_bytes", "response_bytes")
-
 
 def scrub(text: str) -> str:
     for pattern, repl in _SECRET_RES:
@@ -109,12 +106,20 @@ def record_of(ex: Exchange) -> dict[str, Any]:
         "request_bytes": ex.request_bytes,
         "response_bytes": ex.response_bytes,
         "upstream_request_id": ex.meta.response_id,
+        "cost_usd": ex.extras.get("cost_usd"),
     }
 
 
-def log_exchange(ex: Exchange) -> None:
-    """Terminal-event listener: exactly one access record per request."""
-    level = logging.DEBUG if ex.provider is None and ex.path.startswith("/health") \
-        else logging.INFO
-    if access_log.isEnabledFor(level):
-        access_log.log(level, "request completed", extra={"fields": record_of(ex)})
+def exchange_logger(pricing: PricingTable) -> Callable[[Exchange], None]:
+    """The terminal-event listener that writes exactly one access record per request."""
+
+    def log_exchange(ex: Exchange) -> None:
+        # Liveness probes and scrapes arrive every few seconds: keep them out of INFO.
+        quiet = ex.provider is None and ex.path.startswith(_QUIET_PATHS) and ex.status == 200
+        level = logging.DEBUG if quiet else logging.INFO
+        if ex.provider is not None:
+            exchange_cost(pricing, ex)  # stored on the exchange; metrics reuse the figure
+        if access_log.isEnabledFor(level):
+            access_log.log(level, "request completed", extra={"fields": record_of(ex)})
+
+    return log_exchange

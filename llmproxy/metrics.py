@@ -34,8 +34,9 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prom_multiprocess
 
+from .config import ConfigError
 from .exchange import UPSTREAM_ERROR, Exchange
-from .pricing import PricingTable, exchange_cost, normalized_tokens
+from .pricing import PricingTable, exchange_cost, is_token_count, normalized_tokens
 from .records import UsageRecordSink, usage_record
 
 log = logging.getLogger(__name__)
@@ -126,15 +127,15 @@ class Observability:
     """Per-app settings and the finish listener."""
 
     def __init__(self, raw: Mapping[str, Any]) -> None:
-        metrics = dict(raw.get("metrics") or {})
+        metrics = _section(raw, "metrics")
         self.enabled = bool(metrics.get("enabled", True))
         self.bearer_token = str(metrics.get("bearer_token") or "") or os.environ.get(
             "LLMPROXY_METRICS_TOKEN", "")
-        self.pricing = PricingTable(raw.get("pricing") or {})
-        self.models = ModelLabels(self.pricing, int(metrics.get("max_models", 100)))
-        self.rate_limiting = dict((raw.get("features") or {}).get("rate_limiting") or {})
+        self.pricing = PricingTable(_section(raw, "pricing"))
+        self.models = ModelLabels(self.pricing, _count(metrics, "metrics.max_models", 100))
+        self.rate_limiting = dict(_section(_section(raw, "features"), "rate_limiting"))
         self.records: UsageRecordSink | None = None
-        records = dict(raw.get("usage_records") or {})
+        records = _section(raw, "usage_records")
         if records.get("enabled"):
             self.records = _open_sink(records)
 
@@ -160,9 +161,11 @@ class Observability:
             DURATION.labels(provider, model, streaming).observe(ex.duration)
         if ex.ttfb is not None:
             TTFB.labels(provider, model, streaming).observe(ex.ttfb)
-        for kind, count in normalized_tokens(ex.meta.usage, ex.dialect or provider).items():
-            if count:
-                TOKENS.labels(provider, model, kind).inc(count)
+        if not is_token_count(ex):
+            tokens = normalized_tokens(ex.meta.usage, ex.dialect or provider)
+            for kind, count in tokens.items():
+                if count:
+                    TOKENS.labels(provider, model, kind).inc(count)
         if cost is not None:
             COST.labels(provider, model).inc(cost)
         elif ex.status is not None and ex.status < 400:
@@ -171,14 +174,28 @@ class Observability:
             UPSTREAM_ERRORS.labels(provider, ex.error_kind or UNKNOWN).inc()
 
 
-def _open_sink(records: Mapping[str, Any]) -> UsageRecordSink | None:
-    path = str(records.get("path") or "usage-records.jsonl")
+def _section(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, "must be a mapping")
+    return value
+
+
+def _count(section: Mapping[str, Any], key: str, default: int) -> int:
+    value = section.get(key.rsplit(".", 1)[-1], default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(key, f"must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _open_sink(records: Mapping[str, Any]) -> UsageRecordSink:
+    path = str(records.get("path") or "logs/usage.jsonl")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     except OSError as exc:  # the sink logs each failed write; start anyway
         log.error("usage records: cannot create the directory of %s: %s", path, exc)
-    sink = UsageRecordSink(path, int(records.get("max_bytes", 100 * 1024 * 1024)),
-                           int(records.get("backups", 5)),
+    sink = UsageRecordSink(path, _count(records, "usage_records.max_bytes", 100 * 1024 * 1024),
+                           _count(records, "usage_records.backups", 5),
                            on_drop=lambda reason: RECORDS_DROPPED.labels(reason).inc())
     # Worker exit (SIGTERM, after in-flight streams finished): write what is still queued.
     atexit.register(sink.close)
@@ -288,7 +305,10 @@ def _redis_client(app: Flask, rl: Mapping[str, Any]) -> Any:
     if client is None:
         import redis
 
-        url = str((rl.get("redis") or {}).get("url") or "redis://127.0.0.1:6379/0")
+        from .ratelimit.config import parse as parse_ratelimit
+
+        # The same URL the limiter uses, LLMPROXY_REDIS_URL included.
+        url = parse_ratelimit({"features": {"rate_limiting": rl}}).redis.url
         client = redis.Redis.from_url(url, socket_timeout=READY_TIMEOUT,
                                       socket_connect_timeout=READY_TIMEOUT,
                                       retry_on_timeout=False)
@@ -310,4 +330,20 @@ def init_app(app: Flask, raw_config: Mapping[str, Any]) -> Observability:
     app.before_request(_count_in_flight)
     app.after_request(_count_open_stream)
     app.register_blueprint(bp)
+    _listen_to_ratelimit_events()
     return obs
+
+
+_ratelimit_listening = False
+
+
+def _listen_to_ratelimit_events() -> None:
+    """Count denials and store errors; the event hooks are per process, so register once."""
+    global _ratelimit_listening
+    if _ratelimit_listening:
+        return
+    from .ratelimit import events
+
+    events.on_denied(lambda kind, metric, window: record_ratelimit_denial(kind, metric))
+    events.on_backend_error(lambda operation, action: record_ratelimit_backend_error())
+    _ratelimit_listening = True

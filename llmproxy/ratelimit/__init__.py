@@ -1,0 +1,202 @@
+"""Rate limiting per key, user, model, provider and globally, in memory or in Redis.
+
+``init_app(app, raw_config)`` validates ``features.rate_limiting`` and, when enabled, hooks
+three things into the app: a ``before_request`` check that reserves the request's estimated
+cost (or answers 429), an ``after_request`` hook adding ``RateLimit-Policy``/``RateLimit``
+headers, and a terminal-event listener replacing the reservation with real usage. The
+algorithm and every setting are described in ``docs/readme/rate-limiting.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flask import Flask, Response, g
+
+from llmproxy.errors import error_response
+from llmproxy.exchange import Exchange, FinishListener
+
+from . import events
+from .config import RateLimitSettings, parse
+from .memory import MemoryStore
+from .policy import Denial, Limiter, Reservation
+from .store import Store, StoreError
+
+__all__ = ["RateLimit", "events", "get_ratelimit", "init_app", "memory_worker_warning", "parse"]
+
+log = logging.getLogger("llmproxy.ratelimit")
+EXTENSION_KEY = "llmproxy.ratelimit"
+WARN_EVERY = 10.0  # seconds between two warnings about the same backend failure
+
+
+def memory_worker_warning(settings: RateLimitSettings,
+                          environ: Mapping[str, str] | None = None) -> str | None:
+    """The start-up warning for a memory backend shared by nobody, or None."""
+    env = os.environ if environ is None else environ
+    try:
+        workers = int(env.get("WEB_CONCURRENCY", "1"))
+    except ValueError:
+        workers = 1
+    if settings.enabled and settings.backend == "memory" and workers > 1:
+        return (f"rate limiting uses the memory backend with {workers} workers: each worker "
+                f"counts alone, so limits are multiplied by {workers}; use backend: redis")
+    return None
+
+
+def build_store(settings: RateLimitSettings) -> Store:
+    if settings.backend == "redis":
+        from .redis import RedisStore, connect
+
+        client = connect(settings.redis.url, settings.redis.timeout_ms)
+        return RedisStore(client, settings.redis.key_prefix)
+    return MemoryStore()
+
+
+class _Throttled:
+    """Log a repeated warning at most once per ``every`` seconds, with the count in between."""
+
+    def __init__(self, every: float = WARN_EVERY) -> None:
+        self.every = every
+        self._last = -math.inf
+        self._skipped = 0
+        self._lock = threading.Lock()
+
+    def warn(self, message: str, *args: object) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.every:
+                self._skipped += 1
+                return
+            skipped, self._skipped, self._last = self._skipped, 0, now
+        suffix = f" ({skipped} more since the last warning)" if skipped else ""
+        log.warning(message + suffix, *args)
+
+
+class RateLimit:
+    """The Flask side: check before the request, headers after it, reconcile at the end."""
+
+    def __init__(self, settings: RateLimitSettings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.limiter = Limiter(settings, store)
+        self._warn_reserve = _Throttled()
+        self._warn_reconcile = _Throttled()
+
+    def install(self, app: Flask, on_finish: Callable[[FinishListener], Any]) -> None:
+        app.extensions[EXTENSION_KEY] = self
+        app.before_request(self.check)
+        app.after_request(self.add_headers)
+        on_finish(self.finished)
+
+    # -- before_request -------------------------------------------------------------------
+    def check(self) -> Response | None:
+        """Reserve the request's cost in every scope, or answer 429 (503 when closed)."""
+        ex: Exchange | None = g.get("exchange")
+        if ex is None:  # /health, /metrics, preflights, unknown routes: never limited
+            return None
+        try:
+            result = self.limiter.reserve(ex)
+        except StoreError as exc:
+            return self._backend_failed(ex, exc)
+        if result is None:
+            return None
+        if isinstance(result, Denial):
+            return self._deny(ex, result)
+        ex.extras["ratelimit"] = result
+        events.allowed()
+        return None
+
+    def _deny(self, ex: Exchange, denial: Denial) -> Response:
+        check = denial.check
+        events.denied(check.scope.kind, check.metric, check.window)
+        ex.error_kind = "rate_limited"
+        ex.extras["ratelimit_denial"] = denial
+        wait = denial.retry_after_seconds
+        headers = {
+            "Retry-After": str(wait),
+            # Honoured by the OpenAI and Anthropic SDKs in preference to Retry-After.
+            "Retry-After-Ms": str(max(1000, math.ceil(denial.retry_after * 1000))),
+            "X-RateLimit-Scope": check.scope.name,
+            "X-RateLimit-Metric": check.metric,
+            "X-RateLimit-Window": check.window,
+            "X-RateLimit-Limit": str(check.spec.limit),
+            "X-RateLimit-Remaining": str(denial.remaining),
+            "X-RateLimit-Reason": denial.reason,
+        }
+        message = f"Rate limit exceeded: {denial.reason}. Retry after {wait} s."
+        return error_response(ex.dialect, 429, message, request_id=ex.request_id,
+                              headers=headers)
+
+    def _backend_failed(self, ex: Exchange, exc: StoreError) -> Response | None:
+        action = self.settings.redis.on_error
+        events.backend_error("reserve", action)
+        self._warn_reserve.warn("rate-limit backend unavailable (%s): requests are %s",
+                                exc, "let through" if action == "open" else "refused (503)")
+        if action == "open":
+            return None
+        ex.error_kind = "ratelimit_unavailable"
+        return error_response(ex.dialect, 503, "Rate limiter unavailable; try again shortly.",
+                              request_id=ex.request_id, headers={"Retry-After": "1"})
+
+    # -- after_request --------------------------------------------------------------------
+    def add_headers(self, response: Response) -> Response:
+        """IETF draft ``RateLimit-Policy``/``RateLimit`` for the tightest scope."""
+        ex: Exchange | None = g.get("exchange")
+        res = ex.extras.get("ratelimit") if ex is not None else None
+        if not isinstance(res, Reservation) or res.tightest is None:
+            return response
+        # An upstream that sends these itself keeps its own values.
+        if "RateLimit" in response.headers or "RateLimit-Policy" in response.headers:
+            return response
+        check, remaining, reset = res.tightest
+        name = check.policy_name
+        seconds = check.spec.window
+        response.headers["RateLimit-Policy"] = f'"{name}";q={check.spec.limit};w={seconds}'
+        response.headers["RateLimit"] = f'"{name}";r={remaining};t={math.ceil(reset)}'
+        return response
+
+    # -- terminal event -------------------------------------------------------------------
+    def finished(self, ex: Exchange) -> None:
+        """Replace the reservation with the real usage (or refund it)."""
+        res = ex.extras.get("ratelimit")
+        if not isinstance(res, Reservation):
+            return
+        try:
+            self.limiter.reconcile(ex, res)
+        except StoreError as exc:
+            events.backend_error("reconcile", "none")
+            self._warn_reconcile.warn("rate-limit reconciliation skipped, backend "
+                                      "unavailable (%s)", exc)
+
+
+def get_ratelimit(app: Flask) -> RateLimit | None:
+    """The app's rate limiter, if enabled."""
+    ext = app.extensions.get(EXTENSION_KEY)
+    return ext if isinstance(ext, RateLimit) else None
+
+
+def init_app(app: Flask, raw_config: Mapping[str, Any], *, store: Store | None = None,
+             environ: Mapping[str, str] | None = None) -> RateLimit | None:
+    """Validate the config and, when enabled, hook the limiter into ``app``.
+
+    Raises :class:`llmproxy.config.ConfigError` for an invalid ``features.rate_limiting``.
+    """
+    settings = parse(raw_config, environ)
+    if not settings.enabled:
+        return None
+    warning = memory_worker_warning(settings, environ)
+    if warning:
+        log.warning(warning)
+    from llmproxy.state import get_state
+
+    limiter = RateLimit(settings, store if store is not None else build_store(settings))
+    limiter.install(app, get_state(app).on_finish)
+    log.info("rate limiting enabled: backend=%s count_tokens=%s", settings.backend,
+             settings.count_tokens)
+    return limiter

@@ -1,0 +1,144 @@
+"""In-process counter store: exact within one process, bounded memory."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .store import Adjustment, CounterSpec, CounterState, Decision, fits, retry_after
+
+
+@dataclass(slots=True)
+class _Counter:
+    granularity: int
+    span: int
+    total: int = 0
+    # bucket index -> amount. Only the current bucket is ever inserted, so keys are in
+    # ascending order and the first item is the oldest bucket.
+    buckets: OrderedDict[int, int] = field(default_factory=OrderedDict)
+
+    def evict(self, current: int) -> None:
+        horizon = current - self.span
+        while self.buckets:
+            index = next(iter(self.buckets))
+            if index > horizon:
+                break
+            self.total -= self.buckets.popitem(last=False)[1]
+
+    def add(self, index: int, delta: int) -> None:
+        value = self.buckets.get(index, 0) + delta
+        if value <= 0:  # a refund can empty a bucket; it never goes negative
+            self.total -= self.buckets.pop(index, 0)
+        else:
+            self.total += delta
+            self.buckets[index] = value
+
+    def expires_at(self) -> float:
+        """The time at which every bucket has left the window."""
+        if not self.buckets:
+            return 0.0
+        return float((next(reversed(self.buckets)) + self.span) * self.granularity)
+
+    def reset_after(self, now: float) -> float:
+        if not self.buckets:
+            return 0.0
+        return max((next(iter(self.buckets)) + self.span) * self.granularity - now, 0.0)
+
+
+# Counters of one window length, least recently charged first. A counter's expiry time is
+# fixed by its newest bucket, so this order is also the order of expiry: the sweep drops
+# expired counters from the front and stops at the first live one.
+_Table = OrderedDict[str, _Counter]
+
+
+class MemoryStore:
+    """Counters in dicts guarded by a lock; nothing inside the lock can yield to gevent."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._tables: dict[tuple[int, int], _Table] = {}
+
+    def __len__(self) -> int:
+        """Number of live counters (for tests and debugging)."""
+        return sum(len(t) for t in self._tables.values())
+
+    def _table(self, window: int, granularity: int) -> _Table:
+        table = self._tables.get((window, granularity))
+        if table is None:
+            table = self._tables[(window, granularity)] = OrderedDict()
+        return table
+
+    def _sweep(self, now: float) -> None:
+        for table in self._tables.values():
+            while table:
+                key, counter = next(iter(table.items()))
+                if counter.expires_at() > now:
+                    break
+                del table[key]
+
+    def _lookup(self, table: _Table, key: str, granularity: int, span: int,
+                now: float) -> _Counter:
+        counter = table.get(key)
+        if counter is None:
+            return _Counter(granularity, span)  # stored only once something is charged
+        counter.evict(math.floor(now / granularity))
+        return counter
+
+    @staticmethod
+    def _store(table: _Table, key: str, counter: _Counter, newest: bool) -> None:
+        if not counter.buckets:
+            table.pop(key, None)
+        elif key not in table:
+            table[key] = counter
+        elif newest:
+            table.move_to_end(key)
+
+    def reserve(self, specs: Sequence[CounterSpec]) -> Decision:
+        with self._lock:
+            now = self.clock()
+            self._sweep(now)
+            tables = [self._table(s.window, s.granularity) for s in specs]
+            counters = [self._lookup(t, s.key, s.granularity, s.span, now)
+                        for t, s in zip(tables, specs, strict=True)]
+            ok = all(fits(s, c.total) for s, c in zip(specs, counters, strict=True))
+            states: list[CounterState] = []
+            charged: dict[str, int] = {}
+            for spec, table, counter in zip(specs, tables, counters, strict=True):
+                wait: float | None = None
+                if ok:
+                    index = math.floor(now / spec.granularity)
+                    if spec.cost > 0:
+                        counter.add(index, spec.cost)
+                    charged[spec.key] = index
+                    self._store(table, spec.key, counter, newest=True)
+                elif not fits(spec, counter.total):
+                    wait = retry_after(spec, counter.total, counter.buckets.items(), now)
+                states.append(CounterState(counter.total, wait, counter.reset_after(now)))
+            return Decision(ok, charged, states)
+
+    def adjust(self, adjustments: Sequence[Adjustment]) -> None:
+        with self._lock:
+            now = self.clock()
+            for adj in adjustments:
+                if adj.delta == 0:
+                    continue
+                table = self._table(adj.window, adj.granularity)
+                counter = self._lookup(table, adj.key, adj.granularity, adj.span, now)
+                current = math.floor(now / adj.granularity)
+                if adj.bucket in counter.buckets and adj.bucket > current - adj.span:
+                    counter.add(adj.bucket, adj.delta)
+                    self._store(table, adj.key, counter, newest=adj.bucket == current)
+                elif adj.delta > 0:
+                    # The reserved bucket left the window (or never held anything): charge
+                    # the excess now, which counts it a little longer, never shorter.
+                    counter.add(current, adj.delta)
+                    self._store(table, adj.key, counter, newest=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._tables.clear()

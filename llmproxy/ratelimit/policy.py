@@ -1,0 +1,251 @@
+"""What to limit for one request: its scopes, its estimated cost, the counters to charge.
+
+Independent of Flask and of the backend: :class:`Limiter` turns an
+:class:`~llmproxy.exchange.Exchange` into counter specs, asks the store to reserve them, and
+at the terminal event turns real usage into corrections.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+
+from llmproxy.exchange import CLIENT_ABORTED, Exchange
+from llmproxy.usage import Usage
+
+from .config import RateLimitSettings
+from .store import Adjustment, CounterSpec, CounterState, Store
+
+# (name, seconds, bucket granularity in seconds). One-second buckets make Retry-After exact to
+# the second for the minute window; one-minute buckets keep a day counter to <= 1441 fields.
+WINDOWS = (("minute", 60, 1), ("day", 86400, 60))
+_SAFE_ID = re.compile(r"^[\w.@:+\-/]{1,128}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    kind: str  # global | provider | model | key | user
+    id: str  # safe to log and to send back: API keys appear as fingerprints only
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.kind == "global" else f"{self.kind}:{self.id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One counter of one scope, with the limit that applies to it."""
+
+    scope: Scope
+    metric: str  # requests | tokens
+    window: str  # minute | day
+    spec: CounterSpec
+
+    @property
+    def policy_name(self) -> str:
+        return f"{self.scope.kind}-{self.metric}-per-{self.window}"
+
+
+@dataclass(slots=True)
+class Reservation:
+    """What one admitted request charged, kept in ``Exchange.extras["ratelimit"]``."""
+
+    checks: list[Check]
+    buckets: dict[str, int]
+    tokens: int  # tokens charged to every token counter
+    input_estimate: int
+    output_estimate: int
+    # the tightest counter after charging: (check, remaining, seconds until usage frees up)
+    tightest: tuple[Check, int, float] | None = None
+    reconciled: bool = field(default=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """Why a request is refused and when it could succeed."""
+
+    check: Check
+    used: int
+    retry_after: float  # seconds, exact for this algorithm
+
+    @property
+    def remaining(self) -> int:
+        return max(self.check.spec.limit - self.used, 0)
+
+    @property
+    def retry_after_seconds(self) -> int:
+        return max(1, math.ceil(self.retry_after))
+
+    @property
+    def reason(self) -> str:
+        c = self.check
+        return f"{c.metric}_per_{c.window} limit of {c.spec.limit} reached for {c.scope.name}"
+
+
+def safe_id(value: str) -> str:
+    """A scope id usable in headers and storage keys; odd or long values become a hash."""
+    if _SAFE_ID.match(value):
+        return value
+    return "h_" + hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def scopes_for(ex: Exchange) -> list[Scope]:
+    """global, provider, model (if known), key (if any), user (if known)."""
+    scopes = [Scope("global", "*")]
+    if ex.provider:
+        scopes.append(Scope("provider", safe_id(ex.provider)))
+    if ex.model:
+        scopes.append(Scope("model", safe_id(ex.model)))
+    if ex.key_fingerprint:
+        scopes.append(Scope("key", ex.key_fingerprint))
+    if ex.user:
+        scopes.append(Scope("user", safe_id(ex.user)))
+    return scopes
+
+
+def estimate(settings: RateLimitSettings, ex: Exchange) -> tuple[int, int]:
+    """(input tokens, output tokens) expected before the call; see the README for the rules."""
+    est = settings.estimation
+    info = ex.request_info
+    text_chars = getattr(info, "text_chars", None)
+    if text_chars is not None and ex.request_bytes <= est.max_sample_bytes:
+        per_token = est.provider_chars_per_token.get(ex.provider or "") \
+            or est.provider_chars_per_token.get(ex.dialect or "") or est.chars_per_token
+        input_tokens = math.ceil(text_chars / per_token)
+    else:
+        input_tokens = math.ceil(ex.request_bytes / est.bytes_per_token)
+    output_cap = getattr(info, "max_output_tokens", None)
+    output_tokens = output_cap if isinstance(output_cap, int) and output_cap > 0 else 0
+    return input_tokens, output_tokens
+
+
+def counted(mode: str, input_tokens: int, output_tokens: int) -> int:
+    if mode == "input":
+        return input_tokens
+    if mode == "output":
+        return output_tokens
+    return input_tokens + output_tokens
+
+
+def actual_tokens(mode: str, usage: Usage) -> int | None:
+    """Real tokens of the counted kind, or None when the response reported no usage."""
+    inp, out, tot = usage.input_tokens, usage.output_tokens, usage.total_tokens
+    if inp is None and out is None and tot is None:
+        return None
+    if tot is not None and out is not None:
+        # total - output includes Anthropic's cache reads/writes, which input_tokens omits
+        inp = tot - out
+    if mode == "input":
+        return max(inp or 0, 0)
+    if mode == "output":
+        return max(out if out is not None else (tot or 0) - (inp or 0), 0)
+    return max(tot if tot is not None else (inp or 0) + (out or 0), 0)
+
+
+class Limiter:
+    """Reserve before forwarding, reconcile at the terminal event."""
+
+    def __init__(self, settings: RateLimitSettings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+
+    def checks_for(self, ex: Exchange, tokens: int) -> list[Check]:
+        checks: list[Check] = []
+        for scope in scopes_for(ex):
+            limits = self.settings.limits_for(scope.kind, scope.id)
+            for window, seconds, granularity in WINDOWS:
+                for metric in ("requests", "tokens"):
+                    limit = getattr(limits, f"{metric}_per_{window}")
+                    if limit <= 0:
+                        continue
+                    is_tokens = metric == "tokens"
+                    spec = CounterSpec(
+                        key=f"{scope.name}:{metric}:{window}",
+                        limit=limit,
+                        cost=tokens if is_tokens else 1,
+                        need=max(tokens, 1) if is_tokens else 1,
+                        window=seconds,
+                        granularity=granularity,
+                        optimistic=is_tokens,
+                    )
+                    checks.append(Check(scope, metric, window, spec))
+        return checks
+
+    def reserve(self, ex: Exchange) -> Reservation | Denial | None:
+        """Charge the request, or say why not; None when no limit applies to it.
+
+        Raises :class:`~llmproxy.ratelimit.store.StoreError` when the backend fails.
+        """
+        input_est, output_est = estimate(self.settings, ex)
+        tokens = counted(self.settings.count_tokens, input_est, output_est)
+        checks = self.checks_for(ex, tokens)
+        if not checks:
+            return None
+        decision = self.store.reserve([c.spec for c in checks])
+        if not decision.allowed:
+            return _binding(checks, decision.states)
+        res = Reservation(checks, decision.bucket, tokens, input_est, output_est)
+        res.tightest = _tightest(checks, decision.states)
+        return res
+
+    def adjustments(self, ex: Exchange, res: Reservation) -> list[Adjustment]:
+        """Corrections that replace the reservation with what the request really used."""
+        actual = actual_tokens(self.settings.count_tokens, ex.meta.usage)
+        status = ex.status
+        request_delta = 0
+        token_delta = 0
+        if actual is not None:
+            token_delta = actual - res.tokens
+        elif ex.outcome == CLIENT_ABORTED and (status is None or status < 400):
+            pass  # no usage seen before the client left: the estimate stands
+        elif status is None or status >= 500:
+            # nothing came back from the provider (connect failure, timeout, 5xx): refund all
+            request_delta, token_delta = -1, -res.tokens
+        elif status >= 400:
+            token_delta = -res.tokens  # an error answer consumed no tokens
+        out: list[Adjustment] = []
+        for check in res.checks:
+            delta = token_delta if check.metric == "tokens" else request_delta
+            bucket = res.buckets.get(check.spec.key)
+            if delta and bucket is not None:
+                out.append(Adjustment(check.spec.key, bucket, delta, check.spec.window,
+                                      check.spec.granularity))
+        return out
+
+    def reconcile(self, ex: Exchange, res: Reservation) -> None:
+        """Apply :meth:`adjustments` once (raises StoreError when the backend fails)."""
+        if res.reconciled:
+            return
+        res.reconciled = True
+        adjustments = self.adjustments(ex, res)
+        if adjustments:
+            self.store.adjust(adjustments)
+
+
+def _binding(checks: list[Check], states: list[CounterState]) -> Denial:
+    """The refused counter that frees up last: its wait is when the request can pass."""
+    worst: Denial | None = None
+    for check, state in zip(checks, states, strict=True):
+        if state.retry_after is None:
+            continue
+        # ties go to the later, more specific scope (user over key over model ... global)
+        if worst is None or state.retry_after >= worst.retry_after:
+            worst = Denial(check, state.used, state.retry_after)
+    if worst is None:  # the store refused without naming a counter: should not happen
+        return Denial(checks[0], states[0].used, 1.0)
+    return worst
+
+
+def _tightest(checks: list[Check], states: list[CounterState]) -> tuple[Check, int, float]:
+    """The counter with the smallest share of its limit left (ties: the longer window)."""
+    best: tuple[float, int, Check, int, float] | None = None
+    for check, state in zip(checks, states, strict=True):
+        remaining = max(check.spec.limit - state.used, 0)
+        key = (remaining / check.spec.limit, -check.spec.window, check, remaining,
+               state.reset_after)
+        if best is None or key[:2] < best[:2]:
+            best = key
+    assert best is not None
+    return best[2], best[3], best[4]

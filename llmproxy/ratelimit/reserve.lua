@@ -1,0 +1,127 @@
+-- Check every counter and, only if all have room, charge all of them: one atomic step.
+--
+-- KEYS[i]  one hash per counter: field "t" = total in the window, "o" = oldest bucket index,
+--          "<bucket index>" = amount charged in that bucket.
+-- ARGV[1]  now in milliseconds, or "" to use the Redis server clock (shared by every host)
+-- ARGV[1 + 6(i-1) + 1..6]  limit, cost, need, granularity_ms, span, optimistic (0|1)
+-- Returns {allowed (0|1), now_ms, then per counter: bucket, used, retry_ms (-1 = fits), reset_ms}
+-- All times are integers in milliseconds; bucket b counts until (b + span) * granularity_ms.
+
+local function clock(arg)
+  if arg ~= nil and arg ~= '' then
+    return tonumber(arg)
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Drop the buckets that left the window; return total and the sorted remaining buckets
+-- (the list only when it had to be read anyway, else nil) and the oldest bucket index.
+local function evict(key, current, span)
+  local oldest = tonumber(redis.call('HGET', key, 'o'))
+  if oldest == nil then
+    return 0, nil
+  end
+  local horizon = current - span
+  if oldest > horizon then
+    return tonumber(redis.call('HGET', key, 't')) or 0, oldest
+  end
+  -- Rebuild from the fields: exact, and it heals any drift of the stored total.
+  local fields = redis.call('HGETALL', key)
+  local total, first = 0, nil
+  for j = 1, #fields, 2 do
+    local name = fields[j]
+    if name ~= 't' and name ~= 'o' then
+      local index = tonumber(name)
+      if index <= horizon then
+        redis.call('HDEL', key, name)
+      else
+        total = total + tonumber(fields[j + 1])
+        if first == nil or index < first then
+          first = index
+        end
+      end
+    end
+  end
+  if first == nil then
+    redis.call('DEL', key)
+    return 0, nil
+  end
+  redis.call('HSET', key, 't', total, 'o', first)
+  return total, first
+end
+
+local function fits(used, limit, need, optimistic)
+  if optimistic == 1 and used <= 0 then
+    return true
+  end
+  return used + need <= limit
+end
+
+-- Milliseconds until the counter fits, as its oldest buckets leave the window.
+local function retry_ms(key, used, limit, need, g, span, optimistic, now)
+  local fields = redis.call('HGETALL', key)
+  local buckets = {}
+  for j = 1, #fields, 2 do
+    local name = fields[j]
+    if name ~= 't' and name ~= 'o' then
+      buckets[#buckets + 1] = {tonumber(name), tonumber(fields[j + 1])}
+    end
+  end
+  table.sort(buckets, function(a, b) return a[1] < b[1] end)
+  local leave = now
+  for _, bucket in ipairs(buckets) do
+    used = used - bucket[2]
+    leave = (bucket[1] + span) * g
+    if fits(used, limit, need, optimistic) then
+      break
+    end
+  end
+  return math.max(leave - now, 0)
+end
+
+local now = clock(ARGV[1])
+local n = #KEYS
+local params, used, oldest = {}, {}, {}
+local allowed = true
+for i = 1, n do
+  local a = 1 + (i - 1) * 6
+  local p = {
+    limit = tonumber(ARGV[a + 1]), cost = tonumber(ARGV[a + 2]), need = tonumber(ARGV[a + 3]),
+    g = tonumber(ARGV[a + 4]), span = tonumber(ARGV[a + 5]), optimistic = tonumber(ARGV[a + 6]),
+  }
+  p.current = math.floor(now / p.g)
+  params[i] = p
+  used[i], oldest[i] = evict(KEYS[i], p.current, p.span)
+  if not fits(used[i], p.limit, p.need, p.optimistic) then
+    allowed = false
+  end
+end
+
+local out = {allowed and 1 or 0, now}
+for i = 1, n do
+  local key, p = KEYS[i], params[i]
+  local retry = -1
+  if allowed then
+    if p.cost > 0 then
+      redis.call('HINCRBY', key, p.current, p.cost)
+      used[i] = redis.call('HINCRBY', key, 't', p.cost)
+      if oldest[i] == nil then
+        oldest[i] = p.current
+        redis.call('HSET', key, 'o', p.current)
+      end
+      redis.call('PEXPIRE', key, (p.span + 1) * p.g)
+    end
+  elseif not fits(used[i], p.limit, p.need, p.optimistic) then
+    retry = retry_ms(key, used[i], p.limit, p.need, p.g, p.span, p.optimistic, now)
+  end
+  local reset = 0
+  if oldest[i] ~= nil then
+    reset = math.max((oldest[i] + p.span) * p.g - now, 0)
+  end
+  out[#out + 1] = p.current
+  out[#out + 1] = used[i]
+  out[#out + 1] = retry
+  out[#out + 1] = reset
+end
+return out

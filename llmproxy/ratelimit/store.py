@@ -1,0 +1,107 @@
+"""The counter store interface shared by the memory and Redis backends.
+
+A *counter* is one (scope, metric, window) triple, e.g. requests per minute of one API key.
+Each counter keeps its usage in time buckets of ``granularity`` seconds; bucket ``b`` covers
+``[b*g, (b+1)*g)`` and counts toward the window until ``(b + span) * g`` where
+``span = window / g + 1``. Counting one bucket more than ``window / g`` is what makes the
+limit hold for every ``window``-long span whatever the time of day (see the README section on
+rate limiting for the proof); the cost is that usage can be remembered up to ``g`` seconds
+longer than strictly necessary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class StoreError(Exception):
+    """The backend could not answer (connection refused, timeout, script error...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CounterSpec:
+    """One counter to check and charge in a reservation."""
+
+    key: str  # unique name of the counter, e.g. "key:fp_ab12:tokens:minute"
+    limit: int  # > 0
+    cost: int  # amount charged on success (>= 0)
+    need: int  # room required for admission: 1 for requests, max(cost, 1) for tokens
+    window: int  # seconds (60 or 86400)
+    granularity: int  # seconds per bucket; divides window
+    optimistic: bool  # skip the check while the window is empty (token counters)
+
+    @property
+    def span(self) -> int:
+        return self.window // self.granularity + 1
+
+
+@dataclass(frozen=True, slots=True)
+class CounterState:
+    """A counter as seen by a reservation: usage and when it changes."""
+
+    used: int  # usage in the window (after charging, when the reservation succeeded)
+    retry_after: float | None  # seconds until the request fits; None when it fits now
+    reset_after: float  # seconds until the oldest usage leaves the window (0 if none)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Outcome of :meth:`Store.reserve`: all counters charged, or none."""
+
+    allowed: bool
+    bucket: dict[str, int]  # counter key -> bucket index charged (only when allowed)
+    states: list[CounterState]  # same order as the specs
+
+
+@dataclass(frozen=True, slots=True)
+class Adjustment:
+    """Change a past charge: ``delta`` is added to the bucket the reservation charged."""
+
+    key: str
+    bucket: int
+    delta: int
+    window: int
+    granularity: int
+
+    @property
+    def span(self) -> int:
+        return self.window // self.granularity + 1
+
+
+class Store(Protocol):
+    """Atomic check-and-charge over many counters, and later corrections."""
+
+    def reserve(self, specs: Sequence[CounterSpec]) -> Decision:
+        """Charge every counter if every one has room; otherwise charge none."""
+
+    def adjust(self, adjustments: Sequence[Adjustment]) -> None:
+        """Apply reconciliation deltas (negative = refund)."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def fits(spec: CounterSpec, used: int) -> bool:
+    """The admission rule for one counter (the optimistic first request included)."""
+    if spec.optimistic and used <= 0:
+        return True
+    return used + spec.need <= spec.limit
+
+
+def retry_after(spec: CounterSpec, used: int, buckets: Iterable[tuple[int, int]],
+                now: float) -> float:
+    """Seconds until ``spec`` fits, as the oldest buckets leave the window.
+
+    ``buckets`` are (index, amount) pairs in ascending index order. Usage only decreases with
+    time when nothing else is admitted, so the first moment the rule holds is the answer.
+    """
+    g = spec.granularity
+    leave = now
+    for index, amount in buckets:
+        used -= amount
+        leave = (index + spec.span) * g
+        if fits(spec, used):
+            return max(leave - now, 0.0)
+    return max(leave - now, 0.0)

@@ -1,0 +1,204 @@
+"""Usage records: one JSON line per finished request, appended to a size-rotated file.
+
+The request path only serialises the record and puts it on a bounded in-memory queue; a
+:class:`logging.handlers.QueueListener` thread (a greenlet under gevent, where writes to the
+page cache take microseconds) does the file I/O. A full queue drops the record and counts it;
+a failed write (full disk, unwritable path) is logged at most once a minute and never raised.
+
+Several gunicorn workers append to the same file: each line is written whole under an
+exclusive ``flock`` on ``<path>.lock``, and a worker that finds the file rotated by another
+reopens it before writing, so no line is lost or written into a rotated-away file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import logging.handlers
+import os
+import queue
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+from .exchange import Exchange
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_SIZE = 10_000
+_ERROR_LOG_INTERVAL = 60.0
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def usage_record(ex: Exchange, cost: float | None) -> dict[str, Any]:
+    """The JSON record of a finished exchange (never the raw API key or request bodies)."""
+    usage = ex.meta.usage
+    return {
+        "ts": _iso(ex.started_wall + (ex.duration or 0.0)),
+        "started_at": _iso(ex.started_wall),
+        "request_id": ex.request_id,
+        "user": ex.user,
+        "user_source": ex.user_source,
+        "key_fingerprint": ex.key_fingerprint,
+        "provider": ex.provider,
+        "dialect": ex.dialect,
+        "model": ex.model,
+        "response_model": ex.meta.model,
+        "method": ex.method,
+        "path": ex.path,
+        "streaming": ex.streaming,
+        "status": ex.status,
+        "outcome": ex.outcome,
+        "error_kind": ex.error_kind,
+        "finish_reason": ex.meta.finish_reason,
+        "duration_ms": _ms(ex.duration),
+        "ttfb_ms": _ms(ex.ttfb),
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "cache_creation_tokens": usage.cache_creation_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "total_tokens": usage.total_tokens,
+        "cost_usd": cost,
+    }
+
+
+class _LockedRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """RotatingFileHandler safe for several processes appending to one file."""
+
+    def __init__(self, path: str, max_bytes: int, backups: int,
+                 on_error: Callable[[BaseException], None]) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8",
+                         delay=True)
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self._lock_path = path + ".lock"
+        self._lock_fd: int | None = None
+        self._on_error = on_error
+
+    @contextmanager
+    def _interprocess_lock(self) -> Iterator[None]:
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _reopen_if_rotated(self) -> None:
+        if self.stream is None:
+            return
+        try:
+            current = os.stat(self.baseFilename)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(self.stream.fileno())
+        if current is None or (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+            self.stream.close()
+            self.stream = None  # reopened by the next write
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            with self._interprocess_lock():
+                self._reopen_if_rotated()
+                if self.shouldRollover(record):
+                    self.doRollover()
+                logging.FileHandler.emit(self, record)
+        except Exception:
+            self.handleError(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        """Called by emit with the exception active: report it instead of printing to stderr."""
+        exc = sys.exc_info()[1]
+        self._discard_stream()
+        if exc is not None:
+            self._on_error(exc)
+
+    def _discard_stream(self) -> None:
+        # After a failed write the buffer may hold a partial line: drop it with the stream,
+        # so the next record starts on a fresh, complete line.
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        super().close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+class _QueueListener(logging.handlers.QueueListener):
+    def enqueue_sentinel(self) -> None:
+        # The stdlib uses put_nowait, which fails on a full queue: wait for the writer instead.
+        self.queue.put(self._sentinel)  # type: ignore[attr-defined]
+
+
+class UsageRecordSink:
+    """Non-blocking JSONL writer with size-based rotation."""
+
+    def __init__(self, path: str, max_bytes: int, backups: int,
+                 queue_size: int = DEFAULT_QUEUE_SIZE,
+                 on_drop: Callable[[str], None] | None = None) -> None:
+        self.path = path
+        self._on_drop = on_drop
+        self._last_error_log = 0.0
+        self._queue: queue.Queue[logging.LogRecord] = queue.Queue(queue_size)
+        self._handler = _LockedRotatingFileHandler(path, max_bytes, backups, self._write_failed)
+        self._listener = _QueueListener(self._queue, self._handler)
+        self._listener.start()
+        self._closed = False
+
+    def write(self, record: dict[str, Any]) -> bool:
+        """Queue one record; ``False`` when it was dropped (queue full or sink closed)."""
+        if self._closed:
+            self._dropped("closed")
+            return False
+        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
+        item = logging.makeLogRecord({"msg": line, "levelno": logging.INFO,
+                                      "levelname": "INFO"})
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self._dropped("queue_full")
+            self._log_error("usage records: queue full, record dropped")
+            return False
+        return True
+
+    def close(self) -> None:
+        """Write what is queued, then stop; safe to call twice (atexit and worker_exit)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._listener.stop()  # drains the queue before returning
+        self._handler.close()
+
+    def _write_failed(self, exc: BaseException) -> None:
+        self._dropped("write_error")
+        self._log_error("usage records: cannot write %s: %s", self.path, exc)
+
+    def _dropped(self, reason: str) -> None:
+        if self._on_drop is not None:
+            self._on_drop(reason)
+
+    def _log_error(self, message: str, *args: object) -> None:
+        # A full disk fails every write: one line a minute says so without flooding the log.
+        now = time.monotonic()
+        if now - self._last_error_log >= _ERROR_LOG_INTERVAL or not self._last_error_log:
+            self._last_error_log = now
+            log.error(message, *args)
