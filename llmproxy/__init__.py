@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, Response, g
+from flask import Flask, Response, current_app, g, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
@@ -60,6 +60,7 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     app.extensions[EXTENSION_KEY] = state
 
     CORS(app, origins=settings.cors_origins, max_age=settings.cors_max_age,
+         send_wildcard=settings.cors_origins == "*",
          expose_headers=EXPOSE_HEADERS, allow_headers="*",
          methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
     app.before_request(relay.prepare)
@@ -93,8 +94,15 @@ def _init_features(app: Flask, raw: dict[str, Any]) -> None:
 
 
 def _dialect() -> str | None:
+    """The error shape for this request: its provider's, also for unmatched provider paths."""
     ex = g.get("exchange_any")
-    return ex.dialect if ex is not None else None
+    if ex is not None and ex.dialect:
+        return str(ex.dialect)
+    parts = request.path.split("/", 5)
+    name = parts[3] if len(parts) > 3 and parts[1] == "meta" else parts[1] if len(parts) > 1 \
+        else ""
+    provider = get_state(current_app).providers.get(name)
+    return provider.dialect if provider is not None else None
 
 
 def _register_error_handlers(app: Flask) -> None:
