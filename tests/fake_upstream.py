@@ -56,15 +56,19 @@ class Scenario:
 
 @dataclass
 class Recorded:
-    """One request as the fake upstream received it."""
+    """One request as the fake upstream received it (recorded as soon as its head arrives)."""
 
     method: str
     target: str  # the raw request target: path and query exactly as sent
     headers: list[tuple[str, str]]
-    body: bytes | None  # None when the body was larger than RECORD_BODY_LIMIT
-    body_size: int
-    body_sha256: str
     received_at: float  # time.monotonic() when the request head was parsed
+    body: bytes | None = None  # None while reading, or when larger than RECORD_BODY_LIMIT
+    body_size: int = 0
+    body_sha256: str = ""
+    # Set once the body has been read; body_complete says whether it arrived whole (a
+    # truncated body, e.g. a connection closed mid-upload, is never answered).
+    body_done: threading.Event = field(default_factory=threading.Event)
+    body_complete: bool = False
     sent: list[tuple[float, bytes]] = field(default_factory=list)  # (monotonic, bytes) per write
     client_gone: threading.Event = field(default_factory=threading.Event)
     client_gone_at: float | None = None
@@ -651,10 +655,16 @@ class _Handler(BaseHTTPRequestHandler):
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             while True:
                 line = self.rfile.readline(65537)
-                n = int(line.split(b";", 1)[0].strip() or b"0", 16)
+                if not line.endswith(b"\n"):  # EOF before the terminating chunk
+                    raise ConnectionError("truncated chunked body")
+                n = int(line.split(b";", 1)[0].strip(), 16)
                 if n == 0:
-                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                        pass
+                    while True:
+                        trailer = self.rfile.readline(65537)
+                        if not trailer.endswith(b"\n"):
+                            raise ConnectionError("truncated chunked body")
+                        if trailer in (b"\r\n", b"\n"):
+                            break
                     break
                 remaining = n
                 while remaining:
@@ -663,7 +673,8 @@ class _Handler(BaseHTTPRequestHandler):
                         raise ConnectionError("truncated chunked body")
                     take(data)
                     remaining -= len(data)
-                self.rfile.readline(65537)
+                if self.rfile.readline(65537) not in (b"\r\n", b"\n"):
+                    raise ConnectionError("malformed chunked body")
         else:
             remaining = int(self.headers.get("Content-Length") or 0)
             while remaining:
@@ -675,12 +686,17 @@ class _Handler(BaseHTTPRequestHandler):
         return (bytes(kept) if size <= RECORD_BODY_LIMIT else None), size, digest.hexdigest()
 
     def _serve(self) -> None:
-        received = time.monotonic()
-        body, size, sha = self._read_body()
-        rec = Recorded(self.command, self.path, list(self.headers.items()), body, size, sha,
-                       received)
         fake = self.server.fake
+        rec = Recorded(self.command, self.path, list(self.headers.items()), time.monotonic())
         fake._add(rec)
+        try:
+            rec.body, rec.body_size, rec.body_sha256 = self._read_body()
+            rec.body_complete = True
+        except (OSError, ValueError):
+            self.close_connection = True
+            return
+        finally:
+            rec.body_done.set()
         reply = Reply(self, rec, fake)
         try:
             fake._handler_for(rec)(rec, reply)
@@ -693,6 +709,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 256  # the default 5 drops bursts of connections (1 s SYN retries)
     fake: FakeUpstream
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -770,6 +787,24 @@ class FakeUpstream:
         with self._lock:
             self.requests.append(rec)
             self._lock.notify_all()
+
+    def complete_requests(self, settle: float = 0.3) -> list[Recorded]:
+        """Requests whose body arrived whole, once the upstream has been idle for ``settle``
+        seconds: for asserting that something did NOT reach the upstream, where there is no
+        event to wait for (a proxy may still be connecting when the client has its answer)."""
+        while True:
+            with self._lock:
+                count = len(self.requests)
+                pending = [r for r in self.requests if not r.body_done.is_set()]
+            for rec in pending:
+                rec.body_done.wait(5)
+            def grew(n: int = count) -> bool:
+                return len(self.requests) > n
+
+            with self._lock:
+                self._lock.wait_for(grew, settle)
+                if len(self.requests) == count:
+                    return [r for r in self.requests if r.body_complete]
 
     # -- inspection -------------------------------------------------------------------------
     def wait_for_requests(self, count: int = 1, timeout: float = 5.0) -> list[Recorded]:

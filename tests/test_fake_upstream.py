@@ -8,7 +8,9 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import socket
 import time
+from collections.abc import Iterator
 
 import anthropic
 import openai
@@ -129,7 +131,7 @@ def test_gzip_and_records(fake_upstream: FakeUpstream) -> None:
 
 
 def test_chunked_upload_and_pause_and_death(fake_upstream: FakeUpstream) -> None:
-    def gen():
+    def gen() -> Iterator[bytes]:
         yield b'{"model": "m", "stream": true, '
         yield b'"messages": []}'
     fake_upstream.script(fake_upstream.scripts.paused(0.2))
@@ -165,3 +167,12 @@ def test_delay_is_cut_short_by_reset(fake_upstream: FakeUpstream) -> None:
     fake_upstream.script(fake_upstream.scripts.delayed(30))
     with pytest.raises(requests.exceptions.ReadTimeout):
         requests.get(fake_upstream.url + "/v1/models", timeout=0.3)
+
+
+def test_truncated_chunked_upload_is_not_complete(fake_upstream: FakeUpstream) -> None:
+    with socket.create_connection(("127.0.0.1", fake_upstream.port)) as sock:
+        sock.sendall(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\nhello\r\n")
+    assert fake_upstream.complete_requests() == []
+    (rec,) = fake_upstream.requests
+    assert rec.body_done.is_set() and not rec.body_complete

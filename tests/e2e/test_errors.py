@@ -256,6 +256,9 @@ def test_body_over_limit_is_413(edge: ProxyProcess, fake_upstream: FakeUpstream)
 
 def test_chunked_body_over_limit_never_reaches_upstream_whole(
         edge: ProxyProcess, fake_upstream: FakeUpstream) -> None:
+    """Without Content-Length the proxy may have started forwarding when the limit is hit;
+    it must then abort the upstream request, never end it as if the (cut) body were whole:
+    the provider would act on a truncated upload."""
     def body() -> Iterator[bytes]:
         for _ in range(16):
             yield b"x" * 1024
@@ -263,7 +266,8 @@ def test_chunked_body_over_limit_never_reaches_upstream_whole(
     resp = requests.post(f"{edge.url}/openai/v1/files", data=body(), timeout=10)
     assert resp.status_code == 413
     assert resp.json()["error"]["message"]
-    assert all(r.body_size <= MAX_BODY for r in fake_upstream.requests)
+    whole = [(r.target, r.body_size) for r in fake_upstream.complete_requests()]
+    assert whole == [], "the upstream received a complete (truncated) request body"
 
 
 @pytest.mark.parametrize("path", ["/nothing/here", "/meta/alice/nosuch/v1/models",

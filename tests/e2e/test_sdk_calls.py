@@ -93,7 +93,10 @@ def test_openai_chat_stream(proxy: ProxyProcess, fake_upstream: FakeUpstream,
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
         sc.input_tokens, sc.output_tokens, sc.total_tokens)
     assert fake_upstream.last.target == "/v1/chat/completions"
-    assert_record(proxy.wait_record(rid), provider=prefix, streaming=True,
+    record = proxy.wait_record(rid)
+    # One line per request, at its end: never one per chunk.
+    assert sum(rid in line for line in proxy.log_lines()) == 1
+    assert_record(record, provider=prefix, streaming=True,
                   input_tokens=sc.input_tokens, output_tokens=sc.output_tokens,
                   total_tokens=sc.total_tokens, cached_tokens=sc.cached_tokens,
                   reasoning_tokens=sc.reasoning_tokens, finish_reason="stop")

@@ -6,6 +6,8 @@ import gzip
 import json
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import anthropic
 import openai
@@ -96,6 +98,31 @@ def test_stream_timing_gemini_json_array(proxy: ProxyProcess, fake_upstream: Fak
             if piece.encode() in data:
                 received.setdefault(piece, now)
     assert_prompt(fake_upstream, received)
+
+
+def test_concurrent_streams_do_not_wait_for_each_other(start_proxy: Any,
+                                                      fake_upstream: FakeUpstream) -> None:
+    """One gevent worker relays many slow streams at once."""
+    proxy = start_proxy(workers=1)
+    pause_after_pieces(fake_upstream)
+    count = 12
+
+    def one(_: int) -> float:
+        started = time.monotonic()
+        resp = requests.post(f"{proxy.url}/openai/v1/chat/completions",
+                             json={"model": MODEL, "stream": True}, stream=True, timeout=20)
+        body = b"".join(resp.iter_content(None))
+        assert body.endswith(b"data: [DONE]\n\n")
+        return time.monotonic() - started
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(count) as pool:
+        durations = list(pool.map(one, range(count)))
+    elapsed = time.monotonic() - started
+    single = len(PIECES) * PAUSE
+    assert min(durations) >= single * 0.9
+    assert elapsed < single + 1.0, f"{count} streams took {elapsed:.2f}s, one takes {single}s"
+    assert len(fake_upstream.requests) == count
 
 
 # -- compressed upstream bodies -----------------------------------------------------------
@@ -204,7 +231,7 @@ def test_midstream_failure_openai_sdk_raises(proxy: ProxyProcess,
     fake_upstream.script(fake_upstream.scripts.dying(after=3))
     stream = openai_client(proxy.url, rid).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True)
-    seen = []
+    seen: list[str] = []
     with pytest.raises(openai.APIError):
         for chunk in stream:
             seen.extend(c.delta.content for c in chunk.choices if c.delta.content)
