@@ -9,7 +9,7 @@ worth ``json.loads`` (false positives only cost time; there are no false negativ
 the text deltas that make up almost all of a stream are never decoded. Nothing here ever
 raises to the caller: on malformed input the fields just stay ``None``.
 
-Field meanings (see ``docs/readme/usage-parsing.md``): ``output_tokens`` includes
+Field meanings (see "Usage accounting" in README.md): ``output_tokens`` includes
 reasoning tokens for every provider (Gemini's ``thoughtsTokenCount`` is added to
 ``candidatesTokenCount``); ``cached_tokens`` is part of ``input_tokens`` for OpenAI and
 Gemini but separate from it for Anthropic, whose ``input_tokens`` is kept as reported and

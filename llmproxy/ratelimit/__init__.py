@@ -4,7 +4,7 @@
 three things into the app: a ``before_request`` check that reserves the request's estimated
 cost (or answers 429), an ``after_request`` hook adding ``RateLimit-Policy``/``RateLimit``
 headers, and a terminal-event listener replacing the reservation with real usage. The
-algorithm and every setting are described in ``docs/readme/rate-limiting.md``.
+algorithm and every setting are described under "Rate limiting" in README.md.
 """
 
 from __future__ import annotations
