@@ -19,7 +19,7 @@ SECRETS = ["sk-proj-abcdef1234567890", "sk-ant-api03-abcdefgh12345678", "AIzaSyA
         "headers: {{'Authorization': 'Bearer {s}'}}",
         'headers: {{"x-api-key": "{s}"}}',
         "x-goog-api-key: {s}",
-        "HTTPSConnectionPool(host='h', port=443): Max retries exceeded with url: /x?alt=sse&key={s}",
+        "HTTPSConnectionPool(host='h', port=443): Max retries exceeded with url: /x?alt=1&key={s}",
         "the key is {s}",
     ],
 )
