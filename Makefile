@@ -74,10 +74,14 @@ check: lint vet test ## Everything CI checks
 version: ## Print version, git commit and build time
 	@$(BIN)/python -m llmproxy --version
 
-bench: install ## Full benchmark (direct vs through the proxy); see docs/BENCHMARKS.md
+$(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	@touch $@
+
+bench: $(VENV)/.installed-bench ## Full benchmark (direct vs through the proxy); see docs/BENCHMARKS.md
 	$(BIN)/python bench/run.py
 
-bench-smoke: install ## A few-second run of the benchmark harness
+bench-smoke: $(VENV)/.installed-bench ## A few-second run of the benchmark harness
 	$(BIN)/python bench/run.py --smoke
 
 clean: ## Remove the virtualenv, caches and build info

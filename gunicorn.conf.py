@@ -82,3 +82,25 @@ def child_exit(server, worker):  # type: ignore[no-untyped-def]
 def on_exit(server):  # type: ignore[no-untyped-def]
     if _metrics_dir_created:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+
+
+# --- Errors gunicorn answers itself --------------------------------------------------------
+# For a request it cannot parse, gunicorn sends an HTML page that quotes the offending
+# request line back — a Gemini ``?key=`` included. Send a short JSON error in the OpenAI
+# shape (the provider is not known yet) that names only the status.
+def _write_json_error(sock, status_int, reason, mesg):  # type: ignore[no-untyped-def]
+    import json
+
+    from gunicorn import util
+
+    body = json.dumps({"error": {"message": reason, "type": "invalid_request_error",
+                                 "param": None, "code": None}}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+def post_fork(server, worker):  # type: ignore[no-untyped-def]
+    from gunicorn import util
+
+    util.write_error = _write_json_error

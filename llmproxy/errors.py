@@ -17,6 +17,7 @@ _KINDS: dict[int, tuple[str, str, str]] = {
     413: ("invalid_request_error", "request_too_large", "INVALID_ARGUMENT"),
     429: ("rate_limit_error", "rate_limit_error", "RESOURCE_EXHAUSTED"),
     500: ("server_error", "api_error", "INTERNAL"),
+    501: ("invalid_request_error", "invalid_request_error", "UNIMPLEMENTED"),
     502: ("server_error", "api_error", "UNAVAILABLE"),
     503: ("server_error", "overloaded_error", "UNAVAILABLE"),
     504: ("timeout_error", "timeout_error", "DEADLINE_EXCEEDED"),

@@ -11,7 +11,17 @@ from werkzeug.datastructures import Headers
 
 HeadersLike = Mapping[str, str] | Headers
 
-_KEY_PARAM_RE = re.compile(r"(?i)([?&](?:key|api_key|api-key|access_token)=)[^&#\s]*")
+_CREDENTIAL_PARAMS = ("key", "api_key", "api-key", "access_token")
+
+
+def _any_encoding(word: str) -> str:
+    """A pattern for ``word`` with any of its characters percent-encoded (``%6Bey``)."""
+    return "".join(f"(?:{re.escape(c)}|%{ord(c):02x})" for c in word)
+
+
+# Servers decode query names, so "?%6Bey=" authenticates exactly like "?key=".
+CREDENTIAL_PARAM_RE = "|".join(_any_encoding(w) for w in _CREDENTIAL_PARAMS)
+_KEY_PARAM_RE = re.compile(rf"(?i)([?&](?:{CREDENTIAL_PARAM_RE})=)[^&#\s]*")
 _USER_RE = re.compile(r"^[\w.@:+\-]{1,128}$")
 
 
@@ -38,7 +48,7 @@ def api_key(headers: HeadersLike, query: str) -> str | None:
         value = headers.get(name)
         if value:
             return value.strip()
-    if "key=" in query:
+    if "=" in query:
         for name, value in parse_qsl(query, keep_blank_values=False):
             if name == "key" and value:
                 return value

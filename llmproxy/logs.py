@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .exchange import Exchange
+from .identity import CREDENTIAL_PARAM_RE
 from .pricing import PricingTable, exchange_cost
 
 ACCESS_LOGGER = "llmproxy.access"
@@ -18,7 +19,7 @@ _QUIET_PATHS = ("/health", "/metrics")
 
 # Last line of defence: whatever a message or traceback holds, these never leave the process.
 _SECRET_RES = (
-    (re.compile(r"(?i)([?&](?:key|api_key|api-key|access_token)=)[^&#\s\"'<>]+"), r"\1REDACTED"),
+    (re.compile(rf"(?i)([?&](?:{CREDENTIAL_PARAM_RE})=)[^&#\s\"'<>]+"), r"\1REDACTED"),
     (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=\-]{6,}"), r"\1REDACTED"),
     (re.compile(r"(?i)((?:x-api-key|x-goog-api-key|authorization)[\"']?\s*[:=]\s*[\"']?)"
                 r"[^\s\"',}]{6,}"), r"\1REDACTED"),

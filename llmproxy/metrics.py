@@ -99,6 +99,19 @@ def record_ratelimit_backend_error() -> None:
     RATELIMIT_BACKEND_ERRORS.inc()
 
 
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, cached: label values are bounded, and ``labels()`` costs
+    a lock and a dict rebuild on every call."""
+    key = (id(metric), labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
 class ModelLabels:
     """Bounds the ``model`` label: names in the pricing table always count as themselves;
     the first ``limit`` other names seen by this process too; every later one is ``other``."""
@@ -155,23 +168,23 @@ class Observability:
         provider = ex.provider or UNKNOWN
         model = self.models(ex.provider, ex.model or ex.meta.model)
         status_class = f"{ex.status // 100}xx" if ex.status else "none"
-        REQUESTS.labels(provider, model, status_class, ex.outcome or UNKNOWN).inc()
+        _child(REQUESTS, provider, model, status_class, ex.outcome or UNKNOWN).inc()
         streaming = "true" if ex.streaming else "false"
         if ex.duration is not None:
-            DURATION.labels(provider, model, streaming).observe(ex.duration)
+            _child(DURATION, provider, model, streaming).observe(ex.duration)
         if ex.ttfb is not None:
-            TTFB.labels(provider, model, streaming).observe(ex.ttfb)
+            _child(TTFB, provider, model, streaming).observe(ex.ttfb)
         if not is_token_count(ex):
             tokens = normalized_tokens(ex.meta.usage, ex.dialect or provider)
             for kind, count in tokens.items():
                 if count:
-                    TOKENS.labels(provider, model, kind).inc(count)
+                    _child(TOKENS, provider, model, kind).inc(count)
         if cost is not None:
-            COST.labels(provider, model).inc(cost)
+            _child(COST, provider, model).inc(cost)
         elif ex.status is not None and ex.status < 400:
-            UNPRICED.labels(provider, model).inc()
+            _child(UNPRICED, provider, model).inc()
         if ex.outcome == UPSTREAM_ERROR:
-            UPSTREAM_ERRORS.labels(provider, ex.error_kind or UNKNOWN).inc()
+            _child(UPSTREAM_ERRORS, provider, ex.error_kind or UNKNOWN).inc()
 
 
 def _section(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import gevent
 import requests
 from flask import Response, current_app, g, request
 
@@ -98,11 +100,20 @@ def prepare() -> Response | None:
     settings = state.settings
     if length is not None and length > settings.max_body_bytes:
         ex.status = 413
+        ex.error_kind = "too_large"
         return error_response(provider.dialect, 413, f"Request body larger than "
                               f"{settings.max_body_bytes} bytes.", request_id=rid)
     body: bytes | None = None
     if length and length <= settings.inspect_max_bytes:
         body = request.get_data(cache=True)
+        if len(body) < length:
+            # gunicorn ends the body at EOF without an error: the client left mid-upload.
+            # Forwarding it would hand the provider a truncated request posing as whole.
+            ex.status = 400
+            ex.error_kind = "client_gone"
+            ex.outcome = CLIENT_ABORTED
+            return error_response(provider.dialect, 400, "Incomplete request body.",
+                                  request_id=rid)
     ex.request_bytes = length or 0
     path, _, query = rest.partition("?")
     info = provider.inspect(request.method, path, query, headers, body)
@@ -126,12 +137,24 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
     if length:
         body = request.get_data(cache=True) if length <= state.settings.inspect_max_bytes \
             else BodyStream(request.stream, length, state.settings.max_body_bytes)
-    elif request.headers.get("Transfer-Encoding", "").lower() == "chunked":
+    elif "Transfer-Encoding" in request.headers:
+        # gunicorn only accepts a Transfer-Encoding that ends in chunked and removes that
+        # layer; anything left (gzip, deflate) would reach the provider still coded.
+        codings = [c.strip().lower() for c in request.headers["Transfer-Encoding"].split(",")]
+        if [c for c in codings if c] != ["chunked"]:
+            return _fail(ex, provider, 501, "transfer_coding",
+                         "Transfer-Encoding other than chunked is not supported.")
         body = BodyStream(request.stream, None, state.settings.max_body_bytes)
     headers = _forward_headers()
     try:
-        resp = state.upstream.send(request.method, g.upstream_url, headers, body)
+        resp = _send_watching_client(state, request.method, g.upstream_url, headers, body,
+                                     request.environ.get("gunicorn.socket"))
+    except _ClientGone:
+        ex.outcome = CLIENT_ABORTED
+        return _fail(ex, provider, 499, "client_gone", "The client closed the connection.")
     except RequestBodyError as exc:
+        if exc.kind == "client_gone":
+            ex.outcome = CLIENT_ABORTED
         return _fail(ex, provider, 413 if exc.kind == "too_large" else 400, exc.kind,
                      "Request body too large." if exc.kind == "too_large"
                      else "Could not read the request body.")
@@ -144,6 +167,59 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
     return _relay(ex, provider, resp, state)
 
 
+class _ClientGone(Exception):
+    """The client reset its connection while the provider was still to answer."""
+
+
+def _reset_by_peer(sock: Any) -> bool:
+    """True if the readable client socket holds a reset; data or EOF give no verdict.
+
+    Runs in the hub, so it must not block: the socket is known to be readable, and a
+    spurious wake-up (which would make gevent wait) counts as no verdict.
+    """
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except ConnectionResetError:
+        return True
+    except BaseException:  # noqa: BLE001 - EAGAIN, or gevent refusing to block in the hub
+        return False
+    return False
+
+
+def _send_watching_client(state: ProxyState, method: str, url: str, headers: dict[str, str],
+                          body: Any, client: Any) -> requests.Response:
+    """``Upstream.send``, abandoned if the client resets its connection before the answer.
+
+    A long non-streamed call (a reasoning model can think for minutes) would otherwise run
+    to its end, billed, for nobody. A bare I/O watcher on the client socket costs a few
+    microseconds, where a watching greenlet per request cost a tenth of the worker's CPU.
+    The reset is thrown into this greenlet like a gevent Timeout, and urllib3 closes the
+    upstream connection on any exception. Only for bodies already read: a streamed upload
+    reads the client socket itself. Data (pipelining) or EOF (maybe a half-close with the
+    client still waiting) end the watch without aborting.
+    """
+    try:
+        fd = client.fileno() if client is not None and not isinstance(body, BodyStream) else -1
+    except OSError:
+        fd = -1
+    if fd < 0:
+        return state.upstream.send(method, url, headers, body)
+    waiting = gevent.getcurrent()
+    watcher = gevent.get_hub().loop.io(fd, 1)
+
+    def readable() -> None:
+        watcher.stop()
+        if _reset_by_peer(client):
+            waiting.throw(_ClientGone())
+
+    watcher.start(readable)
+    try:
+        return state.upstream.send(method, url, headers, body)
+    finally:
+        watcher.stop()
+        watcher.close()
+
+
 def _forward_headers() -> dict[str, str]:
     from .upstream import request_headers
 
@@ -153,7 +229,8 @@ def _forward_headers() -> dict[str, str]:
 def _fail(ex: Exchange, provider: Provider, status: int, kind: str, message: str) -> Response:
     ex.status = status
     ex.error_kind = kind
-    ex.outcome = UPSTREAM_ERROR if kind in ("connect", "timeout") else None
+    if ex.outcome is None:
+        ex.outcome = UPSTREAM_ERROR if kind in ("connect", "timeout") else None
     return error_response(provider.dialect, status, message, request_id=ex.request_id)
 
 

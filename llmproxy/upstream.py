@@ -15,6 +15,7 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 from urllib3.exceptions import ReadTimeoutError
+from urllib3.util import SKIP_HEADER
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus those the HTTP client must compute itself.
 HOP_BY_HOP = frozenset({
@@ -106,6 +107,9 @@ class Upstream:
         else:
             headers["Transfer-Encoding"] = "chunked"
         prep.headers = CaseInsensitiveDict(headers)
+        # urllib3 adds its own User-Agent and Accept-Encoding unless told to skip them.
+        for name in ("User-Agent", "Accept-Encoding"):
+            prep.headers.setdefault(name, SKIP_HEADER)
         prep.body = body
         try:
             return self.adapter.send(prep, stream=True, timeout=self.timeout)
@@ -147,7 +151,7 @@ class RequestBodyError(Exception):
 
     def __init__(self, kind: str) -> None:
         super().__init__(kind)
-        self.kind = kind  # too_large | client_read
+        self.kind = kind  # too_large | client_read | client_gone
 
 
 class BodyStream:
@@ -171,6 +175,9 @@ class BodyStream:
         except Exception as exc:  # client went away or sent a malformed chunked body
             raise RequestBodyError("client_read") from exc
         self.read_bytes += len(data)
+        if not data and self.read_bytes < self.len:
+            # EOF before Content-Length bytes: gunicorn returns short reads silently.
+            raise RequestBodyError("client_gone")
         if self.read_bytes > self._limit:
             raise RequestBodyError("too_large")
         return data
