@@ -28,7 +28,14 @@ from .exchange import CLIENT_ABORTED, COMPLETED, UPSTREAM_ERROR, Exchange
 from .parsers import ResponseParser
 from .providers.base import Provider
 from .state import ProxyState, get_state
-from .upstream import BodyStream, RequestBodyError, Upstream, UpstreamError, response_headers
+from .upstream import (
+    BodyStream,
+    RequestBodyError,
+    Upstream,
+    UpstreamError,
+    request_headers,
+    response_headers,
+)
 
 log = logging.getLogger("llmproxy.relay")
 
@@ -124,6 +131,7 @@ def prepare() -> Response | None:
                                                      ex.client_ip)
     g.exchange = ex
     g.upstream_url = url
+    g.body = body
     return None
 
 
@@ -132,12 +140,11 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
     ex: Exchange = g.exchange
     state = get_state(current_app)
     provider = state.providers[ex.provider or ""]
-    body: Any = None
+    body: Any = g.get("body")  # small bodies were read whole by prepare()
     length = request.content_length
-    if length:
-        body = request.get_data(cache=True) if length <= state.settings.inspect_max_bytes \
-            else BodyStream(request.stream, length, state.settings.max_body_bytes)
-    elif "Transfer-Encoding" in request.headers:
+    if body is None and length:
+        body = BodyStream(request.stream, length, state.settings.max_body_bytes)
+    elif body is None and "Transfer-Encoding" in request.headers:
         # gunicorn only accepts a Transfer-Encoding that ends in chunked and removes that
         # layer; anything left (gzip, deflate) would reach the provider still coded.
         codings = [c.strip().lower() for c in request.headers["Transfer-Encoding"].split(",")]
@@ -145,7 +152,7 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
             return _fail(ex, provider, 501, "transfer_coding",
                          "Transfer-Encoding other than chunked is not supported.")
         body = BodyStream(request.stream, None, state.settings.max_body_bytes)
-    headers = _forward_headers()
+    headers = request_headers(request.headers.items())
     try:
         resp = _send_watching_client(state, request.method, g.upstream_url, headers, body,
                                      request.environ.get("gunicorn.socket"))
@@ -218,12 +225,6 @@ def _send_watching_client(state: ProxyState, method: str, url: str, headers: dic
     finally:
         watcher.stop()
         watcher.close()
-
-
-def _forward_headers() -> dict[str, str]:
-    from .upstream import request_headers
-
-    return request_headers(request.headers.items())
 
 
 def _fail(ex: Exchange, provider: Provider, status: int, kind: str, message: str) -> Response:
