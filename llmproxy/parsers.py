@@ -85,6 +85,13 @@ def _error_message(err: object) -> str | None:
     return msg[:_MAX_ERROR_CHARS] if msg else None
 
 
+def _keep(target: object, attr: str, value: object) -> None:
+    """Set ``attr`` unless ``value`` is None: a later frame that omits a field keeps the
+    value an earlier frame gave."""
+    if value is not None:
+        setattr(target, attr, value)
+
+
 # ---------------------------------------------------------------------------- dialects
 
 
@@ -156,12 +163,8 @@ class _OpenAI(_Handler):
 
     def _apply_object(self, obj: dict[str, Any]) -> None:
         meta = self.meta
-        model = _str(obj.get("model"))
-        if model is not None:
-            meta.model = model
-        rid = _str(obj.get("id"))
-        if rid is not None:
-            meta.response_id = rid
+        _keep(meta, "model", _str(obj.get("model")))
+        _keep(meta, "response_id", _str(obj.get("id")))
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self._usage(usage)
@@ -240,9 +243,7 @@ class _Anthropic(_Handler):
             if isinstance(obj, dict):
                 delta = obj.get("delta")
                 if isinstance(delta, dict):
-                    reason = _str(delta.get("stop_reason"))
-                    if reason is not None:
-                        self.meta.finish_reason = reason
+                    _keep(self.meta, "finish_reason", _str(delta.get("stop_reason")))
                 usage = obj.get("usage")
                 if isinstance(usage, dict):
                     self._usage(usage)
@@ -263,19 +264,11 @@ class _Anthropic(_Handler):
             meta.error = _error_message(obj.get("error")) or _error_message(obj)
             return
         if self.count:
-            count = _int(obj.get("input_tokens"))
-            if count is not None:
-                meta.usage.input_tokens = count
+            _keep(meta.usage, "input_tokens", _int(obj.get("input_tokens")))
             return
-        model = _str(obj.get("model"))
-        if model is not None:
-            meta.model = model
-        rid = _str(obj.get("id"))
-        if rid is not None:
-            meta.response_id = rid
-        reason = _str(obj.get("stop_reason"))
-        if reason is not None:
-            meta.finish_reason = reason
+        _keep(meta, "model", _str(obj.get("model")))
+        _keep(meta, "response_id", _str(obj.get("id")))
+        _keep(meta, "finish_reason", _str(obj.get("stop_reason")))
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self._usage(usage)
@@ -333,29 +326,17 @@ class _Gemini(_Handler):
         if "error" in obj:
             meta.error = _error_message(obj.get("error")) or meta.error
         if self.count:
-            count = _int(obj.get("totalTokens"))
-            if count is not None:
-                meta.usage.input_tokens = count
-            cached = _int(obj.get("cachedContentTokenCount"))
-            if cached is not None:
-                meta.usage.cached_tokens = cached
+            _keep(meta.usage, "input_tokens", _int(obj.get("totalTokens")))
+            _keep(meta.usage, "cached_tokens", _int(obj.get("cachedContentTokenCount")))
             return
-        model = _str(obj.get("modelVersion"))
-        if model is not None:
-            meta.model = model
-        rid = _str(obj.get("responseId"))
-        if rid is not None:
-            meta.response_id = rid
+        _keep(meta, "model", _str(obj.get("modelVersion")))
+        _keep(meta, "response_id", _str(obj.get("responseId")))
         candidates = obj.get("candidates")
         if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict):
-            reason = _str(candidates[0].get("finishReason"))
-            if reason is not None:
-                meta.finish_reason = reason
+            _keep(meta, "finish_reason", _str(candidates[0].get("finishReason")))
         feedback = obj.get("promptFeedback")
         if isinstance(feedback, dict):  # a blocked prompt has no candidates, only this
-            reason = _str(feedback.get("blockReason"))
-            if reason is not None:
-                meta.finish_reason = reason
+            _keep(meta, "finish_reason", _str(feedback.get("blockReason")))
         usage = obj.get("usageMetadata")
         if isinstance(usage, dict):
             self._usage(usage)
