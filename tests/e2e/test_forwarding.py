@@ -6,7 +6,6 @@ import hashlib
 import http.client
 import os
 import posixpath
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,26 +16,13 @@ import requests
 from conftest import ProxyLauncher, ProxyProcess, new_request_id
 from fake_upstream import FakeUpstream
 
+from e2e.rawhttp import send_raw
+
 pytestmark = pytest.mark.e2e
 
 MODEL = "fake-model-1"
 
 
-def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send ``data`` as-is on a fresh connection; return everything the server answers."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-        out = b""
-        while True:
-            try:
-                piece = sock.recv(65536)
-            except (TimeoutError, ConnectionResetError):
-                break
-            if not piece:
-                break
-            out += piece
-        return out
 
 
 def status_of(response: bytes) -> int:
@@ -255,7 +241,7 @@ def test_path_escape_attempts(based_proxy: ProxyProcess, fake_upstream: FakeUpst
                               target: str) -> None:
     request = (f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{based_proxy.port}\r\n"
                "Authorization: Bearer sk-x\r\nConnection: close\r\n\r\n").encode("latin-1")
-    response = raw_request(based_proxy.port, request)
+    response = send_raw(based_proxy.port, request)
     status = status_of(response)
     base = BASE_PATH if "/based/" in target else "/"
     if fake_upstream.requests:
@@ -277,7 +263,7 @@ def test_absolute_form_request_target(based_proxy: ProxyProcess, fake_upstream: 
                                       target: str) -> None:
     request = (f"GET {target} HTTP/1.1\r\nHost: evil.example\r\n"
                "Connection: close\r\n\r\n").encode()
-    status = status_of(raw_request(based_proxy.port, request))
+    status = status_of(send_raw(based_proxy.port, request))
     if fake_upstream.requests:
         assert status == 200
         rec = fake_upstream.last
@@ -402,7 +388,7 @@ def test_worker_keeps_serving_after_hostile_input(single_worker_proxy: ProxyProc
          "Connection: close\r\n\r\n").encode(),
     ]
     for data in hostile:
-        response = raw_request(port, data, timeout=3)
+        response = send_raw(port, data, timeout=3)
         if response:
             assert response.startswith(b"HTTP/1."), response[:100]
             assert fake_upstream.address.encode() not in response

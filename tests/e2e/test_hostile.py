@@ -29,7 +29,8 @@ import requests
 from conftest import ProxyLauncher, ProxyProcess
 from fake_upstream import FakeUpstream
 
-from e2e.hostile_client import (
+from e2e.hostile_sink import RawSink
+from e2e.rawhttp import (
     Answer,
     Secrets,
     credential_headers,
@@ -40,7 +41,6 @@ from e2e.hostile_client import (
     send_raw,
     worker_pids,
 )
-from e2e.hostile_sink import RawSink
 
 pytestmark = pytest.mark.e2e
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import Iterator
 
@@ -10,6 +9,8 @@ import pytest
 import requests
 from conftest import ProxyLauncher, ProxyProcess, free_port
 from fake_upstream import FakeUpstream, error
+
+from e2e.rawhttp import send_raw
 
 pytestmark = pytest.mark.e2e
 
@@ -39,20 +40,6 @@ def scan_proxy(request: pytest.FixtureRequest, proxy_launcher: ProxyLauncher
     }, env={"LOG_LEVEL": "debug", "LOG_FORMAT": request.param, "GUNICORN_LOG_LEVEL": "debug"})
 
 
-def raw(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-        out = b""
-        while True:
-            try:
-                piece = sock.recv(65536)
-            except OSError:
-                break
-            if not piece:
-                break
-            out += piece
-        return out
 
 
 def test_no_secret_in_logs_or_error_bodies(scan_proxy: ProxyProcess,
@@ -121,9 +108,9 @@ def test_no_secret_in_logs_or_error_bodies(scan_proxy: ProxyProcess,
 
         # requests gunicorn itself rejects, with the key in the request line
         key = secret(shape)
-        bodies.append(raw(scan_proxy.port, f"GET /gemini{gem}?key={key} HTTP/1.1 junk\r\n"
+        bodies.append(send_raw(scan_proxy.port, f"GET /gemini{gem}?key={key} HTTP/1.1 junk\r\n"
                                            "\r\n".encode()))
-        bodies.append(raw(scan_proxy.port, (
+        bodies.append(send_raw(scan_proxy.port, (
             f"GET /openai/v1/models?key={secret(shape)} HTTP/1.1\r\nHost: x\r\n"
             f"Authorization: Bearer {secret(shape)}\r\nX-Big: {'a' * 70000}\r\n\r\n").encode()))
 

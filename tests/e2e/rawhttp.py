@@ -1,4 +1,4 @@
-"""Raw-socket client helpers for the hostile tests: send bytes as-is, split pipelined answers,
+"""Raw-socket client helpers for the end-to-end tests: send bytes as-is, split pipelined answers,
 mint API keys that must never show up anywhere, and find the gunicorn workers."""
 
 from __future__ import annotations
