@@ -21,6 +21,7 @@ from .store import Adjustment, CounterSpec, CounterState, Store
 # (name, seconds, bucket granularity in seconds). One-second buckets make Retry-After exact to
 # the second for the minute window; one-minute buckets keep a day counter to <= 1441 fields.
 WINDOWS = (("minute", 60, 1), ("day", 86400, 60))
+_TEMPLATE_CACHE_SIZE = 10_000
 _SAFE_ID = re.compile(r"^[\w.@:+\-/]{1,128}$")
 
 
@@ -150,28 +151,46 @@ class Limiter:
     def __init__(self, settings: RateLimitSettings, store: Store) -> None:
         self.settings = settings
         self.store = store
+        self._cache: dict[tuple[str, str], list[Check]] = {}
 
     def checks_for(self, ex: Exchange, tokens: int) -> list[Check]:
         checks: list[Check] = []
         for scope in scopes_for(ex):
-            limits = self.settings.limits_for(scope.kind, scope.id)
-            for window, seconds, granularity in WINDOWS:
-                for metric in ("requests", "tokens"):
-                    limit = getattr(limits, f"{metric}_per_{window}")
-                    if limit <= 0:
-                        continue
-                    is_tokens = metric == "tokens"
-                    spec = CounterSpec(
-                        key=f"{scope.name}:{metric}:{window}",
-                        limit=limit,
-                        cost=tokens if is_tokens else 1,
-                        need=max(tokens, 1) if is_tokens else 1,
-                        window=seconds,
-                        granularity=granularity,
-                        optimistic=is_tokens,
-                    )
-                    checks.append(Check(scope, metric, window, spec))
+            for check in self._templates(scope):
+                if check.metric == "tokens":  # the template has no cost yet
+                    spec = check.spec
+                    check = Check(scope, "tokens", check.window, CounterSpec(
+                        spec.key, spec.limit, tokens, max(tokens, 1), spec.window,
+                        spec.granularity, True))
+                checks.append(check)
         return checks
+
+    def _templates(self, scope: Scope) -> list[Check]:
+        """A scope's checks, resolved once: request checks complete, token checks costless.
+
+        Limits do not change while the proxy runs, so they are looked up once per scope
+        rather than per request; the cache is cleared when it grows past a bound (user
+        and key scopes are unbounded sets).
+        """
+        cached = self._cache.get((scope.kind, scope.id))
+        if cached is not None:
+            return cached
+        limits = self.settings.limits_for(scope.kind, scope.id)
+        templates: list[Check] = []
+        for window, seconds, granularity in WINDOWS:
+            for metric in ("requests", "tokens"):
+                limit = getattr(limits, f"{metric}_per_{window}")
+                if limit <= 0:
+                    continue
+                is_tokens = metric == "tokens"
+                spec = CounterSpec(key=f"{scope.name}:{metric}:{window}", limit=limit,
+                                   cost=0 if is_tokens else 1, need=1, window=seconds,
+                                   granularity=granularity, optimistic=is_tokens)
+                templates.append(Check(scope, metric, window, spec))
+        if len(self._cache) >= _TEMPLATE_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[(scope.kind, scope.id)] = templates
+        return templates
 
     def reserve(self, ex: Exchange) -> Reservation | Denial | None:
         """Charge the request, or say why not; None when no limit applies to it.
