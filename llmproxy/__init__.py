@@ -112,8 +112,9 @@ def _register_error_handlers(app: Flask) -> None:
         message = {404: "Unknown route.", 405: "Method not allowed.",
                    413: "Request body too large."}.get(status, exc.description or exc.name)
         resp = error_response(_dialect(), status, message, request_id=g.get("request_id"))
-        if status == 405 and exc.get_response().headers.get("Allow"):
-            resp.headers["Allow"] = exc.get_response().headers["Allow"]
+        allow = exc.get_response().headers.get("Allow") if status == 405 else None
+        if allow:
+            resp.headers["Allow"] = allow
         return resp
 
     @app.errorhandler(Exception)

@@ -146,9 +146,10 @@ def _choice(section: Mapping[str, Any], prefix: str, key: str, choices: tuple[st
 
 def _provider(name: Any, spec: Any) -> ProviderSettings:
     key = f"providers.{name}"
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in _RESERVED_NAMES:
-        raise ConfigError(key, "provider names are lower-case letters, digits, '-' or '_' "
-                               "and not health, metrics or meta")
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in _RESERVED_NAMES \
+            or name.endswith("_meta"):  # "<name>_meta" is the blueprint of /meta/<user>/<name>
+        raise ConfigError(key, "provider names are lower-case letters, digits, '-' or '_', "
+                               "not health, metrics or meta, and not ending in _meta")
     if not isinstance(spec, Mapping):
         raise ConfigError(key, "must be a mapping with base_url and dialect")
     url = spec.get("base_url")

@@ -50,7 +50,6 @@ class Exchange:
     status: int | None = None
     outcome: str | None = None
     error_kind: str | None = None  # connect | timeout | midstream | body_too_large | ...
-    error_message: str | None = None
     request_bytes: int = 0
     response_bytes: int = 0
     meta: ResponseMeta = field(default_factory=ResponseMeta)

@@ -13,6 +13,8 @@ from . import buildinfo
 from .exchange import Exchange
 
 bp = Blueprint("health", __name__)
+#: ``Exchange.extras`` key holding the status the provider answered with.
+UPSTREAM_STATUS = "upstream_status"
 
 
 @dataclass(slots=True)
@@ -37,15 +39,19 @@ class HealthTracker:
         state = self._state.get(ex.provider or "")
         if state is None:
             return
-        now = time.monotonic()
-        failed = ex.error_kind in ("connect", "timeout", "midstream") or (ex.status or 0) in (
+        # Only what the provider itself did counts: the proxy's own 404/413/429 do not.
+        upstream_status = ex.extras.get(UPSTREAM_STATUS)
+        failed = ex.error_kind in ("connect", "timeout", "midstream") or upstream_status in (
             502, 503, 504)
+        if not failed and upstream_status is None:
+            return
+        now = time.monotonic()
         with self._lock:
             if failed:
                 state.consecutive_failures += 1
                 state.last_failure = now
-                state.last_failure_kind = ex.error_kind or f"http_{ex.status}"
-            elif ex.status is not None and ex.error_kind is None:
+                state.last_failure_kind = ex.error_kind or f"http_{upstream_status}"
+            else:
                 state.consecutive_failures = 0
                 state.last_success = now
 

@@ -60,8 +60,9 @@ def client_ip(remote_addr: str | None, forwarded_for: str | None, trusted_proxie
     addr = remote_addr or "unknown"
     if trusted_proxies > 0 and forwarded_for:
         hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
-        # The last `trusted_proxies` entries were appended by proxies we trust; the entry
-        # before them is the one the outermost trusted proxy saw connecting to it.
+        # Each trusted proxy appends the address it saw connect to it, so counting
+        # `trusted_proxies` entries from the right gives the address the outermost trusted
+        # proxy saw; anything further left was written by the client and can be forged.
         if hops:
             addr = hops[max(len(hops) - trusted_proxies, 0)]
     if addr.startswith("[") and "]" in addr:  # "[::1]:1234" -> "::1"

@@ -55,14 +55,25 @@ class JSONFormatter(logging.Formatter):
         return scrub(json.dumps(entry, default=str, separators=(",", ":")))
 
 
-class TextFormatter(_ScrubbingFormatter):
+_PLAIN_VALUE = re.compile(r"^[\x21-\x7e]+$")
+
+
+def _text_value(value: object) -> str:
+    """A field value that cannot break the line: anything but plain ASCII is JSON-quoted
+    (a model name from a request body could otherwise forge a log line)."""
+    text = str(value)
+    return text if _PLAIN_VALUE.match(text) and '"' not in text else json.dumps(text)
+
+
+class TextFormatter(logging.Formatter):
     """``time level logger message key=value ...``."""
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None)
         line = super().format(record)
         if isinstance(fields, dict):
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items()
+                                   if v is not None)
         return scrub(line)
 
 
@@ -76,7 +87,7 @@ def configure(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
     root.propagate = False
     for other in logging.getLogger("gunicorn.error").handlers:
-        if not isinstance(other.formatter, (JSONFormatter, _ScrubbingFormatter)):
+        if not isinstance(other.formatter, (JSONFormatter, TextFormatter, _ScrubbingFormatter)):
             other.setFormatter(_ScrubbingFormatter(
                 other.formatter._fmt if other.formatter else None))  # noqa: SLF001
 

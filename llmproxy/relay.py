@@ -25,6 +25,7 @@ from flask import Response, current_app, g, request
 from . import identity
 from .errors import error_response, stream_error_event
 from .exchange import CLIENT_ABORTED, COMPLETED, UPSTREAM_ERROR, Exchange
+from .health import UPSTREAM_STATUS
 from .parsers import ResponseParser
 from .providers.base import Provider
 from .state import ProxyState, get_state
@@ -79,7 +80,7 @@ def prepare() -> Response | None:
     state = get_state(current_app)
     target = raw_target(request.environ)
     path_for_log = identity.redact_query(target)
-    provider = state.providers.get(request.blueprint.rsplit("_meta", 1)[0]) \
+    provider = state.providers.get(request.blueprint.removesuffix("_meta")) \
         if request.blueprint and request.endpoint and request.endpoint.endswith(".proxy") \
         else None
     if provider is None:
@@ -88,10 +89,16 @@ def prepare() -> Response | None:
         return None
     view_args = request.view_args or {}
     path_user = view_args.get("user_id")
-    rest = _strip_prefix(target, 3 if path_user is not None else 1)
+    segments = 3 if path_user is not None else 1
+    rest = _strip_prefix(target, segments)
     ex = Exchange(rid, request.method, path_for_log, provider=provider.name,
                   dialect=provider.dialect, _listeners=tuple(state.listeners))
     g.exchange_any = ex
+    if target.split("/", segments + 1)[segments] != provider.name:
+        # Routing saw the decoded path; the raw one is forwarded. An encoded prefix
+        # ("/openai%2Fv1/...") would make the two disagree on where <rest> starts.
+        ex.status = 404
+        return error_response(provider.dialect, 404, "Unknown route.", request_id=rid)
     headers = request.headers
     ex.api_key = identity.api_key(headers, request.query_string.decode("latin-1"))
     if ex.api_key:
@@ -166,12 +173,19 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
                      "Request body too large." if exc.kind == "too_large"
                      else "Could not read the request body.")
     except UpstreamError as exc:
+        _count_streamed_upload(ex, body)
         log.debug("upstream %s failed: %s", ex.provider, identity.redact_query(exc.detail))
         if exc.kind == "timeout":
             return _fail(ex, provider, 504, "timeout",
                          f"The {provider.name} API did not answer in time.")
         return _fail(ex, provider, 502, exc.kind, f"The {provider.name} API is unreachable.")
-    return _relay(ex, provider, resp, state)
+    _count_streamed_upload(ex, body)
+    return _relay(ex, provider, resp, request.environ.get("gunicorn.socket"))
+
+
+def _count_streamed_upload(ex: Exchange, body: Any) -> None:
+    if isinstance(body, BodyStream):  # chunked uploads have no Content-Length to go by
+        ex.request_bytes = body.read_bytes
 
 
 class _ClientGone(Exception):
@@ -184,11 +198,14 @@ def _reset_by_peer(sock: Any) -> bool:
     Runs in the hub, so it must not block: the socket is known to be readable, and a
     spurious wake-up (which would make gevent wait) counts as no verdict.
     """
+    raw = getattr(sock, "_sock", sock)  # the OS-level socket under gevent's wrapper
     try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except ConnectionResetError:
         return True
-    except BaseException:  # noqa: BLE001 - EAGAIN, or gevent refusing to block in the hub
+    except OSError:  # EAGAIN (a spurious wake-up) or another error: no verdict
+        return False
+    except BaseException:  # noqa: BLE001 - gevent refusing to block in the hub
         return False
     return False
 
@@ -235,13 +252,13 @@ def _fail(ex: Exchange, provider: Provider, status: int, kind: str, message: str
     return error_response(provider.dialect, status, message, request_id=ex.request_id)
 
 
-def _relay(ex: Exchange, provider: Provider, resp: requests.Response,
-           state: ProxyState) -> Response:
+def _relay(ex: Exchange, provider: Provider, resp: requests.Response, client: Any) -> Response:
     raw_headers = resp.raw.headers
     ctype = raw_headers.get("Content-Type")
     parser = provider.parser(ex.upstream_path, ctype, raw_headers.get("Content-Encoding"))
     ex.meta = parser.meta
     ex.status = resp.status_code
+    ex.extras[UPSTREAM_STATUS] = resp.status_code
     headers = response_headers(raw_headers)
     sse = bool(ctype and ctype.startswith("text/event-stream"))
     length = raw_headers.get("Content-Length")
@@ -249,7 +266,7 @@ def _relay(ex: Exchange, provider: Provider, resp: requests.Response,
             and int(length) <= SMALL_BODY:
         # Small whole body: one read, one write, the connection goes straight back to the pool.
         try:
-            data = resp.raw.read(decode_content=False) if request.method != "HEAD" else b""
+            data = resp.raw.read(decode_content=False)  # b"" for HEAD; frees the connection
         except Exception as exc:  # translated like any other upstream read failure
             resp.close()
             log.debug("upstream %s body read failed: %s", ex.provider,
@@ -261,14 +278,20 @@ def _relay(ex: Exchange, provider: Provider, resp: requests.Response,
         parser.close()
         ex.response_bytes = len(data)
         ex.mark_first_byte()
-        out = Response(data, status=resp.status_code, headers=headers)
+        # HEAD: no body, and the upstream Content-Length stays as it was.
+        out = Response(data if request.method != "HEAD" else None, status=resp.status_code,
+                       headers=headers)
     else:
         if sse:
             headers = [(k, v) for k, v in headers if k.lower() != "cache-control"]
             headers += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
-        encoded = raw_headers.get("Content-Encoding", "identity").lower() != "identity"
-        out = Response(_stream(ex, provider, resp, parser, sse, encoded), status=resp.status_code,
-                       headers=headers, direct_passthrough=True)
+        # An error event can only be added to an uncompressed SSE body of open length;
+        # anything else is ended by dropping the client connection, which every client
+        # sees as a broken response rather than a complete one.
+        spliceable = sse and length is None and \
+            raw_headers.get("Content-Encoding", "identity").lower() == "identity"
+        out = Response(_stream(ex, provider, resp, parser, client if not spliceable else None),
+                       status=resp.status_code, headers=headers, direct_passthrough=True)
         # A generator that is never started never runs its finally: close on response close too.
         out.call_on_close(resp.close)
     if ctype is None:
@@ -277,7 +300,9 @@ def _relay(ex: Exchange, provider: Provider, resp: requests.Response,
 
 
 def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: ResponseParser,
-            sse: bool, encoded: bool) -> Iterator[bytes]:
+            abort: Any) -> Iterator[bytes]:
+    """Relay the body; on an upstream break, end with an SSE error event, or when ``abort``
+    (the client socket) is given, by shutting the client connection down."""
     outcome = COMPLETED
     try:
         for chunk in Upstream.iter_raw(resp):
@@ -290,10 +315,14 @@ def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: R
         outcome = UPSTREAM_ERROR
         ex.error_kind = "midstream"
         log.debug("upstream %s stream broke: %s", ex.provider, identity.redact_query(exc.detail))
-        if not encoded:  # an event can't be spliced into a compressed body: just end it
+        if abort is None:
             message = f"The {provider.name} API connection broke in the middle of the response."
-            yield parser.terminator + stream_error_event(provider.dialect, message,
-                                                         sse=sse or ex.streaming)
+            yield parser.terminator + stream_error_event(provider.dialect, message, sse=True)
+        else:
+            try:  # gunicorn's next write then fails quietly (ENOTCONN) and it drops the socket
+                abort.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
     except GeneratorExit:
         outcome = CLIENT_ABORTED
         raise

@@ -37,13 +37,6 @@ class UpstreamError(Exception):
         self.detail = detail  # for debug logs only: may hold addresses
 
 
-class _NoCookies(requests.cookies.RequestsCookieJar):
-    """Never keep a provider's cookies: the session is shared by every tenant of the worker."""
-
-    def set_cookie(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
 def request_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     """The client's headers minus hop-by-hop ones, ``Host`` and ``Content-Length``."""
     out: dict[str, str] = {}
@@ -74,16 +67,11 @@ class Upstream:
 
     def __init__(self, connect_timeout: float, read_timeout: float, pool_maxsize: int) -> None:
         self.timeout = (connect_timeout, read_timeout)
-        session = requests.Session()
-        session.trust_env = False  # no proxies or .netrc from the environment
-        session.headers.clear()  # send the client's headers only (no default Accept-Encoding)
-        session.cookies = _NoCookies()
-        adapter = HTTPAdapter(pool_connections=16, pool_maxsize=pool_maxsize, max_retries=0,
-                              pool_block=False)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        self.session = session  # owns the adapter; kept for callers that want a Session
-        self.adapter = adapter
+        # The adapter is requests' connection pool. Requests go to it directly (see send),
+        # so no Session adds environment proxies, .netrc credentials, default headers or a
+        # cookie jar shared by every tenant of the worker.
+        self.adapter = HTTPAdapter(pool_connections=16, pool_maxsize=pool_maxsize,
+                                   max_retries=0, pool_block=False)
 
     def send(self, method: str, url: str, headers: dict[str, str], body: Any) -> requests.Response:
         """Send the request; the response body is left unread on the socket.

@@ -97,3 +97,27 @@ def test_error_responses_carry_cors_and_expose_the_request_id(app: Flask) -> Non
     assert resp.headers["Access-Control-Allow-Origin"] == "*"
     exposed = resp.headers["Access-Control-Expose-Headers"].lower()
     assert "x-proxy-request-id" in exposed and "retry-after" in exposed
+
+
+def test_the_proxys_own_answers_do_not_count_as_provider_health() -> None:
+    app = create_app({"providers": {"openai": {"base_url": "http://127.0.0.1:9"}}})
+    client = app.test_client()
+    for _ in range(3):
+        client.get("/openai/v1/models").close()  # connection refused: 502
+    client.get("/openai/v1/a/../b").close()  # refused by the proxy itself: 404
+    body = json.loads(client.get("/health").get_data())
+    assert body["providers"]["openai"]["status"] == "degraded"
+    assert body["providers"]["openai"]["consecutive_failures"] == 3
+
+
+def test_an_encoded_route_prefix_is_not_forwarded_from_the_wrong_place(app: Flask) -> None:
+    resp = app.test_client().get("/openai%2Fv1/models")
+    assert resp.status_code == 404
+
+
+@pytest.mark.parametrize("name", ["x_meta", "meta", "health", "Bad", "metrics"])
+def test_provider_names_that_would_clash_with_routes_are_refused(name: str) -> None:
+    from llmproxy.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        create_app({"providers": {name: {"base_url": "http://127.0.0.1:9"}}})

@@ -44,3 +44,13 @@ def test_formatters_scrub_messages_fields_and_tracebacks() -> None:
         assert secret not in line
     parsed = json.loads(JSONFormatter().format(record))
     assert parsed["path"] == "/x?key=REDACTED"
+
+
+def test_text_fields_cannot_forge_a_log_line() -> None:
+    record = logging.LogRecord("llmproxy.access", logging.INFO, __file__, 1, "request completed",
+                               (), None)
+    record.fields = {"model": "gpt\n2099 INFO llmproxy.access request completed user=admin",
+                     "user": "alice", "status": 200}
+    line = TextFormatter("%(message)s").format(record)
+    assert "\n" not in line
+    assert 'model="gpt\\n2099 INFO' in line and "user=alice" in line and "status=200" in line

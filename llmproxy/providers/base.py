@@ -6,7 +6,7 @@ import re
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
-from flask import Blueprint, Response
+from flask import Blueprint
 
 from ..config import ProviderSettings
 from ..identity import HeadersLike
@@ -71,9 +71,3 @@ class Provider:
                         methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
         return bp
 
-    def health_extra(self) -> dict[str, Any]:
-        return {}
-
-
-def empty_response(status: int) -> Response:
-    return Response(b"", status=status)

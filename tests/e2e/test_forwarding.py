@@ -101,9 +101,13 @@ def test_methods_forwarded(proxy: ProxyProcess, fake_upstream: FakeUpstream,
 
 
 def test_head_request(proxy: ProxyProcess, fake_upstream: FakeUpstream) -> None:
+    got = requests.get(f"{proxy.url}/openai/v1/models", timeout=10)
     resp = requests.head(f"{proxy.url}/openai/v1/models", timeout=10)
-    assert resp.status_code in (200, 405)
+    assert resp.status_code == got.status_code == 200
     assert resp.content == b""
+    # HEAD describes the body GET would send: the upstream's Content-Length is kept.
+    assert int(resp.headers["Content-Length"]) == len(got.content) > 0
+    assert fake_upstream.last.method == "HEAD"
 
 
 # -- request ids --------------------------------------------------------------------------

@@ -266,6 +266,23 @@ def test_midstream_failure_gemini_sdk_raises(proxy: ProxyProcess,
     assert proxy.wait_record(rid)["outcome"] == "upstream_error"
 
 
+def test_midstream_failure_of_a_json_array_stream_is_not_a_complete_body(
+        proxy: ProxyProcess, fake_upstream: FakeUpstream) -> None:
+    # Without alt=sse Gemini streams a JSON array: no event can be appended to it, so the
+    # proxy drops the connection and the client sees a broken body, never a complete one.
+    rid = new_request_id()
+    fake_upstream.script(fake_upstream.scripts.dying(after=2))
+    resp = requests.post(f"{proxy.url}/gemini/v1beta/models/{MODEL}:streamGenerateContent",
+                         json={"contents": [{"parts": [{"text": "hi"}]}]},
+                         headers={"X-Request-ID": rid, "x-goog-api-key": "k-test"},
+                         stream=True, timeout=10)
+    assert resp.status_code == 200
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        for _ in resp.iter_content(None):
+            pass
+    assert proxy.wait_record(rid)["outcome"] == "upstream_error"
+
+
 def test_midstream_failure_body_contains_no_internal_address(
         proxy: ProxyProcess, fake_upstream: FakeUpstream) -> None:
     fake_upstream.script(fake_upstream.scripts.dying(after=2))
