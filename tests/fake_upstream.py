@@ -68,6 +68,8 @@ class Recorded:
     # Set once the body has been read; body_complete says whether it arrived whole (a
     # truncated body, e.g. a connection closed mid-upload, is never answered).
     body_done: threading.Event = field(default_factory=threading.Event)
+    # set once the handler has written (and recorded) everything it was going to send
+    response_done: threading.Event = field(default_factory=threading.Event)
     body_complete: bool = False
     sent: list[tuple[float, bytes]] = field(default_factory=list)  # (monotonic, bytes) per write
     client_gone: threading.Event = field(default_factory=threading.Event)
@@ -95,6 +97,15 @@ class Recorded:
     def json(self) -> Any:
         assert self.body is not None
         return json.loads(self.body) if self.body else None
+
+    def all_sent(self, timeout: float = 5.0) -> list[tuple[float, bytes]]:
+        """Every (time, data) written, once the handler is done writing.
+
+        A client can finish reading before the server thread has recorded its last write.
+        """
+        if not self.response_done.wait(timeout):
+            raise AssertionError("the fake upstream is still answering")
+        return list(self.sent)
 
     def sent_time_of(self, needle: bytes) -> float:
         """Monotonic time at which the first write containing ``needle`` was flushed."""
@@ -702,6 +713,8 @@ class _Handler(BaseHTTPRequestHandler):
             fake._handler_for(rec)(rec, reply)
         except Abort:
             self.close_connection = True
+        finally:
+            rec.response_done.set()
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _serve
 

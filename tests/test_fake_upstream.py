@@ -44,7 +44,7 @@ def test_openai_sdk_chat_plain_and_stream(fake_upstream: FakeUpstream) -> None:
     rec = fake_upstream.last
     assert rec.header("transfer-encoding") is None  # the SDK sent Content-Length
     assert rec.json()["stream"] is True
-    assert len(rec.sent) == len(sc.chunks) + 4  # role, pieces, finish, usage, [DONE]
+    assert len(rec.all_sent()) == len(sc.chunks) + 4  # role, pieces, finish, usage, [DONE]
 
 
 def test_openai_sdk_responses_embeddings_models(fake_upstream: FakeUpstream) -> None:

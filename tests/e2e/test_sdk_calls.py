@@ -116,7 +116,7 @@ def test_openai_stream_bytes_pass_through_exactly(proxy: ProxyProcess,
     assert resp.headers["x-accel-buffering"] == "no"
     assert resp.headers["cache-control"] == "no-cache"
     assert resp.headers["x-proxy-request-id"] == rid
-    assert body == b"".join(data for _, data in fake_upstream.last.sent)
+    assert body == b"".join(data for _, data in fake_upstream.last.all_sent())
 
 
 def test_openai_legacy_completions_stream(proxy: ProxyProcess,
@@ -296,7 +296,7 @@ def test_gemini_sse_crlf_frames_pass_through_exactly(proxy: ProxyProcess,
     assert resp.status_code == 200
     assert resp.headers["x-accel-buffering"] == "no"
     assert resp.headers["cache-control"] == "no-cache"
-    assert body == b"".join(data for _, data in fake_upstream.last.sent)
+    assert body == b"".join(data for _, data in fake_upstream.last.all_sent())
     assert body.count(b"\r\n\r\n") == len(fake_upstream.scenario.chunks)
 
 
@@ -309,7 +309,7 @@ def test_gemini_json_array_stream(proxy: ProxyProcess, fake_upstream: FakeUpstre
         headers={"x-goog-api-key": "AIza-x", "X-Request-ID": rid}, stream=True, timeout=10)
     body = b"".join(resp.iter_content(None))
     assert resp.status_code == 200
-    assert body == b"".join(data for _, data in fake_upstream.last.sent)
+    assert body == b"".join(data for _, data in fake_upstream.last.all_sent())
     frames = json.loads(body)
     assert "".join(f["candidates"][0]["content"]["parts"][0]["text"] for f in frames) == sc.text
     assert_record(proxy.wait_record(rid), provider="gemini", streaming=True,
