@@ -7,14 +7,6 @@
 -- otherwise a positive delta is charged to the current bucket (counted a little longer, never
 -- shorter) and a negative one is dropped (the reservation has already expired).
 
-local function clock(arg)
-  if arg ~= nil and arg ~= '' then
-    return tonumber(arg)
-  end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
 local now = clock(ARGV[1])
 for i = 1, #KEYS do
   local key = KEYS[i]

@@ -20,7 +20,9 @@ HASH_TAG = "{rl}"
 
 
 def _script_text(name: str) -> str:
-    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+    """A Lua script with the shared ``clock`` function prepended (scripts cannot import)."""
+    files = resources.files(__package__)
+    return "\n".join(files.joinpath(n).read_text(encoding="utf-8") for n in ("clock.lua", name))
 
 
 def connect(url: str, timeout_ms: int) -> redis.Redis:

@@ -7,14 +7,6 @@
 -- Returns {allowed (0|1), now_ms, then per counter: bucket, used, retry_ms (-1 = fits), reset_ms}
 -- All times are integers in milliseconds; bucket b counts until (b + span) * granularity_ms.
 
-local function clock(arg)
-  if arg ~= nil and arg ~= '' then
-    return tonumber(arg)
-  end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
 -- Drop the buckets that left the window; return total and the sorted remaining buckets
 -- (the list only when it had to be read anyway, else nil) and the oldest bucket index.
 local function evict(key, current, span)
