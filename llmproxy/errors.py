@@ -57,11 +57,9 @@ def error_response(
     return resp
 
 
-def stream_error_event(dialect: str | None, message: str, *, sse: bool) -> bytes:
-    """An in-stream error the SDKs raise on: Anthropic ``event: error``, else a ``data:`` error."""
+def stream_error_event(dialect: str | None, message: str) -> bytes:
+    """An SSE error event the SDKs raise on: Anthropic ``event: error``, else a ``data:`` error."""
     body = error_body(dialect, 502, message, "upstream_stream_error")
-    if not sse:
-        return body
     if dialect == "anthropic":
         return b"event: error\ndata: " + body + b"\n\n"
     return b"data: " + body + b"\n\n"

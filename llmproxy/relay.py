@@ -290,7 +290,7 @@ def _relay(ex: Exchange, provider: Provider, resp: requests.Response, client: An
         # sees as a broken response rather than a complete one.
         spliceable = sse and length is None and \
             raw_headers.get("Content-Encoding", "identity").lower() == "identity"
-        out = Response(_stream(ex, provider, resp, parser, client if not spliceable else None),
+        out = Response(_stream(ex, provider, resp, parser, spliceable, client),
                        status=resp.status_code, headers=headers, direct_passthrough=True)
         # A generator that is never started never runs its finally: close on response close too.
         out.call_on_close(resp.close)
@@ -300,9 +300,10 @@ def _relay(ex: Exchange, provider: Provider, resp: requests.Response, client: An
 
 
 def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: ResponseParser,
-            abort: Any) -> Iterator[bytes]:
-    """Relay the body; on an upstream break, end with an SSE error event, or when ``abort``
-    (the client socket) is given, by shutting the client connection down."""
+            spliceable: bool, client: Any) -> Iterator[bytes]:
+    """Relay the body; on an upstream break, end it with an SSE error event when
+    ``spliceable``, else by shutting the client connection down (when the server gave us
+    its socket)."""
     outcome = COMPLETED
     try:
         for chunk in Upstream.iter_raw(resp):
@@ -315,12 +316,12 @@ def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: R
         outcome = UPSTREAM_ERROR
         ex.error_kind = "midstream"
         log.debug("upstream %s stream broke: %s", ex.provider, identity.redact_query(exc.detail))
-        if abort is None:
+        if spliceable:
             message = f"The {provider.name} API connection broke in the middle of the response."
-            yield parser.terminator + stream_error_event(provider.dialect, message, sse=True)
-        else:
+            yield parser.terminator + stream_error_event(provider.dialect, message)
+        elif client is not None:
             try:  # gunicorn's next write then fails quietly (ENOTCONN) and it drops the socket
-                abort.shutdown(socket.SHUT_RDWR)
+                client.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
     except GeneratorExit:
