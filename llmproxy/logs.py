@@ -26,6 +26,7 @@ _SECRET_RES = (
     (re.compile(r"\b(sk-(?:ant-)?|AIza)[A-Za-z0-9_\-]{8,}"), r"\1REDACTED"),
 )
 
+
 def scrub(text: str) -> str:
     for pattern, repl in _SECRET_RES:
         text = pattern.sub(repl, text)
