@@ -255,7 +255,7 @@ class Proxy:
     """``python -m gunicorn -c gunicorn.conf.py wsgi:app`` as deployed, one gevent worker."""
 
     def __init__(self, pin: Pinning, upstream: FakeUpstream, config: dict[str, Any] | None,
-                 logdir: Path, proxy_dir: Path) -> None:
+                 logdir: Path, proxy_dir: Path, reference: bool = False) -> None:
         self.port = free_port()
         self.log_path = logdir / f"proxy-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")}
@@ -276,8 +276,15 @@ class Proxy:
             env["LLMPROXY_CONFIG"] = str(cfg)
         cmd = [*pin.prefix(pin.proxy), sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
                "wsgi:app"]
+        cwd = proxy_dir
+        if reference:  # the bare forwarder (bench/reference_forwarder.py), same server setup
+            env["REF_UPSTREAM"] = upstream.base
+            cmd = [*pin.prefix(pin.proxy), sys.executable, "-m", "gunicorn", "-k", "gevent",
+                   "-w", "1", "-b", f"{HOST}:{self.port}", "--log-level", "warning",
+                   "reference_forwarder:app"]
+            cwd = BENCH
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=proxy_dir, env=env, stdout=self._log,
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
         self.master = self.proc.pid
         self.worker = 0
@@ -438,6 +445,10 @@ class Runner:
     def proxy(self, config: dict[str, Any] | None = None) -> Proxy:
         return Proxy(self.pin, self.fake, config, self.workdir, self.proxy_dir)
 
+    def reference(self) -> Proxy:
+        """The bare Flask + gevent + requests forwarder, started like the proxy."""
+        return Proxy(self.pin, self.fake, None, self.workdir, self.proxy_dir, reference=True)
+
 
 def upload(port: int, path: str, size: int) -> dict[str, Any]:
     """POST ``size`` bytes with Content-Length, streamed from a 1 MiB block."""
@@ -500,7 +511,14 @@ def _median_result(runs: list[WrkResult]) -> WrkResult:
         med([x.mean_ms for x in runs]), max(x.max_ms for x in runs))
 
 
-def scenario_a(r: Runner, proxy: Proxy) -> dict[str, Any]:
+def _vs_reference(out: dict[str, Any], ref: WrkResult, direct: WrkResult) -> None:
+    """The bare forwarder's figures beside the proxy's (the issue's yardstick)."""
+    out["reference"] = ref.as_dict()
+    out["reference_added_p50_ms"] = round(ref.p50_ms - direct.p50_ms, 3)
+    out["reference_added_p99_ms"] = round(ref.p99_ms - direct.p99_ms, 3)
+
+
+def scenario_a(r: Runner, proxy: Proxy, ref: Proxy | None = None) -> dict[str, Any]:
     """Overhead at concurrency 1, in slices alternating direct and proxied, median per
     percentile: a burst of other work on the machine then spoils one slice, not the figure.
 
@@ -512,13 +530,21 @@ def scenario_a(r: Runner, proxy: Proxy) -> dict[str, Any]:
     slices = 1 if p.smoke else 4
     seconds = max(1.0, p.a_seconds / slices)
     r.run_wrk(proxy.port, path, 1, p.warmup_seconds, core, HEADERS)
-    direct_runs, proxy_runs = [], []
+    if ref is not None:
+        r.run_wrk(ref.port, path, 1, p.warmup_seconds, core, HEADERS)
+    direct_runs, proxy_runs, ref_runs = [], [], []
     for _ in range(slices):
         direct_runs.append(r.run_wrk(r.fake.port, CHAT_PATH, 1, seconds, core, HEADERS))
         proxy_runs.append(r.run_wrk(proxy.port, path, 1, seconds, core, HEADERS))
-    out = _pair(_median_result(direct_runs), _median_result(proxy_runs))
+        if ref is not None:
+            ref_runs.append(r.run_wrk(ref.port, path, 1, seconds, core, HEADERS))
+    direct = _median_result(direct_runs)
+    out = _pair(direct, _median_result(proxy_runs))
     out["slices"] = {"seconds": seconds, "direct": [x.as_dict() for x in direct_runs],
-                     "proxy": [x.as_dict() for x in proxy_runs]}
+                     "proxy": [x.as_dict() for x in proxy_runs],
+                     "reference": [x.as_dict() for x in ref_runs]}
+    if ref_runs:
+        _vs_reference(out, _median_result(ref_runs), direct)
     out["pass"] = out["added_p50_ms"] <= 1.0 and out["added_p99_ms"] <= 3.0
     return out
 
@@ -542,7 +568,7 @@ def _throughput(r: Runner, proxy: Proxy) -> tuple[WrkResult, dict[str, float]]:
     }
 
 
-def scenario_b(r: Runner, proxy: Proxy) -> dict[str, Any]:
+def scenario_b(r: Runner, proxy: Proxy, ref: Proxy | None = None) -> dict[str, Any]:
     p = r.plan
     f0, t0 = cpu_seconds(r.fake.pid), time.perf_counter()
     direct = r.run_wrk(r.fake.port, CHAT_PATH, p.b_connections, p.b_seconds, r.pin.harness,
@@ -552,6 +578,13 @@ def scenario_b(r: Runner, proxy: Proxy) -> dict[str, Any]:
     out = _pair(direct, via)
     out["direct"]["fake_cpu_util"] = round(fake_util, 2)
     out["proxy"].update(extra)
+    if ref is not None:
+        ref_res, ref_extra = _throughput(r, ref)
+        _vs_reference(out, ref_res, direct)
+        out["reference"].update(ref_extra)
+        out["vs_reference_rps"] = round(via.rps / ref_res.rps, 2) if ref_res.rps else None
+        cpu_ref, cpu_proxy = ref_extra["proxy_cpu_s_per_1000"], extra["proxy_cpu_s_per_1000"]
+        out["vs_reference_cpu"] = round(cpu_ref / cpu_proxy, 2) if cpu_proxy else None
     out["pass"] = via.rps >= 1500 and via.errors == 0
     return out
 
@@ -733,12 +766,19 @@ def render(results: dict[str, Any]) -> str:
         add(f"A. Overhead — non-streaming chat, concurrency 1, median of "
             f"{len(a['slices']['proxy'])} alternating slices   [{_verdict(a.get('pass'))}: "
             f"{TARGETS['A']}]")
-        add(f"  {'':18}{'direct':>10}{'proxy':>10}{'added':>10}")
+        ra = a.get("reference")
+        add(f"  {'':18}{'direct':>10}{'proxy':>10}{'added':>10}"
+            + (f"{'bare fwd':>10}{'added':>10}" if ra else ""))
         for k, label in (("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("p999_ms", "p99.9 ms")):
             d, v = a["direct"][k], a["proxy"][k]
-            add(f"  {label:18}{d:>10.3f}{v:>10.3f}{v - d:>+10.3f}")
+            add(f"  {label:18}{d:>10.3f}{v:>10.3f}{v - d:>+10.3f}"
+                + (f"{ra[k]:>10.3f}{ra[k] - d:>+10.3f}" if ra else ""))
         add(f"  {'req/s':18}{a['direct']['rps']:>10,.0f}{a['proxy']['rps']:>10,.0f}"
-            f"{'x' + _f(a['rps_ratio'], 3):>10}")
+            f"{'x' + _f(a['rps_ratio'], 3):>10}"
+            + (f"{ra['rps']:>10,.0f}" if ra else ""))
+        if ra:
+            add("  bare fwd: bench/reference_forwarder.py, a 20-line Flask + gevent + requests "
+                "forwarder (the issue's yardstick)")
     if "B" in s:
         b = s["B"]
         add("")
@@ -756,6 +796,13 @@ def render(results: dict[str, Any]) -> str:
             f"{pb['proxy_cpu_util'] * 100:.0f} % of its core used; fake upstream at "
             f"{b['direct']['fake_cpu_util'] * 100:.0f} % (direct) / {pb['fake_cpu_util'] * 100:.0f}"
             f" % (proxy run) of its core; worker RSS {pb['proxy_rss_mb']} MB")
+        rb = b.get("reference")
+        if rb:
+            add(f"  bare forwarder (same setup): {rb['rps']:,.0f} req/s, p99 "
+                f"{rb['p99_ms']:.2f} ms, {rb['proxy_cpu_s_per_1000']:.3f} s CPU per 1,000; "
+                f"llmproxy does "
+                f"x{_f(b['vs_reference_rps'])} its req/s and x{_f(b['vs_reference_cpu'])} its "
+                f"requests per CPU second")
     if "C" in s:
         c = s["C"]
         add("")
@@ -841,7 +888,7 @@ def check_smoke(results: dict[str, Any]) -> list[str]:
     s = results["scenarios"]
     for key in ("A", "B"):
         if key in s:
-            for side in ("direct", "proxy"):
+            for side in ("direct", "proxy", "reference"):
                 if s[key][side]["requests"] == 0 or s[key][side]["errors"]:
                     problems.append(f"{key} {side}: {s[key][side]}")
     for row in s.get("C", {}).get("rows", []):
@@ -904,13 +951,15 @@ def run(args: argparse.Namespace) -> int:
             r = Runner(plan, pin, fake, workdir, wrk, proxy_dir)
             if {"A", "B"} & set(scenarios):
                 proxy = r.proxy()
+                ref = r.reference()
                 try:
                     if "A" in scenarios:
-                        s["A"] = scenario_a(r, proxy)
+                        s["A"] = scenario_a(r, proxy, ref)
                     if "B" in scenarios:
-                        s["B"] = scenario_b(r, proxy)
+                        s["B"] = scenario_b(r, proxy, ref)
                 finally:
                     proxy.stop()
+                    ref.stop()
             if "C" in scenarios:
                 s["C"] = scenario_c(r)
                 if plan.smoke:

@@ -88,3 +88,85 @@ def test_body_stream_enforces_the_limit_while_reading() -> None:
     assert err.value.kind == "too_large"
     ok = BodyStream(io.BytesIO(b"y" * 100), 100, limit=1000)
     assert ok.len == 100 and b"".join(ok) == b"y" * 100
+
+
+class _ClosingServer:
+    """A loopback HTTP/1.1 server that answers each connection once, keep-alive, and then
+    closes it without a word: what a provider's load balancer does to idle connections."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                             b"Connection: keep-alive\r\n\r\nok")
+            self.closed.set()  # closed after answering, with the client still pooling it
+
+
+def test_a_pooled_connection_closed_by_the_upstream_is_not_reused() -> None:
+    server = _ClosingServer()
+    up = Upstream(1.0, 5.0, 4)
+    url = f"http://127.0.0.1:{server.port}/v1/models"
+    for _ in range(3):
+        resp = up.send("GET", url, {}, None)
+        assert resp.status_code == 200 and resp.raw.read() == b"ok"
+        resp.close()  # back to the pool, as the relay does
+        assert server.closed.wait(5)
+        server.closed.clear()
+    # Each request found its pooled connection closed by the peer and opened a fresh one,
+    # instead of failing on the dead one.
+    assert server.connections == 3
+    server.sock.close()
+
+
+def test_a_pooled_connection_still_open_is_reused() -> None:
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        connections: set[int] = set()
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            Handler.connections.add(self.client_address[1])  # the client port
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    up = Upstream(1.0, 5.0, 4)
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/models"
+    try:
+        for _ in range(3):
+            resp = up.send("GET", url, {}, None)
+            assert resp.status_code == 200 and resp.raw.read() == b"ok"
+            resp.close()
+        assert len(Handler.connections) == 1
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -9,6 +9,7 @@ algorithm and every setting are described under "Rate limiting" in README.md.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -49,12 +50,19 @@ def memory_worker_warning(settings: RateLimitSettings,
     return None
 
 
-def build_store(settings: RateLimitSettings) -> Store:
+def build_store(settings: RateLimitSettings,
+                on_lost: Callable[[StoreError], None] | None = None) -> Store:
+    """The configured backend; ``on_lost`` hears of deferred corrections Redis refused."""
     if settings.backend == "redis":
         from .redis import RedisStore, connect
 
         client = connect(settings.redis.url, settings.redis.timeout_ms)
-        return RedisStore(client, settings.redis.key_prefix)
+        store = RedisStore(client, settings.redis.key_prefix,
+                           reconcile_delay=settings.redis.reconcile_delay_ms / 1000,
+                           on_lost=on_lost)
+        # Worker exit (SIGTERM, after in-flight requests ended): send what is still queued.
+        atexit.register(store.flush)
+        return store
     return MemoryStore()
 
 
@@ -81,12 +89,12 @@ class _Throttled:
 class RateLimit:
     """The Flask side: check before the request, headers after it, reconcile at the end."""
 
-    def __init__(self, settings: RateLimitSettings, store: Store) -> None:
+    def __init__(self, settings: RateLimitSettings, store: Store | None = None) -> None:
         self.settings = settings
-        self.store = store
-        self.limiter = Limiter(settings, store)
         self._warn_reserve = _Throttled()
         self._warn_reconcile = _Throttled()
+        self.store = store if store is not None else build_store(settings, self.reconcile_lost)
+        self.limiter = Limiter(settings, self.store)
 
     def install(self, app: Flask, on_finish: Callable[[FinishListener], Any]) -> None:
         app.extensions[EXTENSION_KEY] = self
@@ -170,9 +178,13 @@ class RateLimit:
         try:
             self.limiter.reconcile(ex, res)
         except StoreError as exc:
-            events.backend_error("reconcile", "none")
-            self._warn_reconcile.warn("rate-limit reconciliation skipped, backend "
-                                      "unavailable (%s)", exc)
+            self.reconcile_lost(exc)
+
+    def reconcile_lost(self, exc: StoreError) -> None:
+        """A correction could not reach the backend: count it, warn (throttled), go on."""
+        events.backend_error("reconcile", "none")
+        self._warn_reconcile.warn("rate-limit reconciliation skipped, backend "
+                                  "unavailable (%s)", exc)
 
 
 def get_ratelimit(app: Flask) -> RateLimit | None:
@@ -195,7 +207,7 @@ def init_app(app: Flask, raw_config: Mapping[str, Any], *, store: Store | None =
         log.warning(warning)
     from llmproxy.state import get_state
 
-    limiter = RateLimit(settings, store if store is not None else build_store(settings))
+    limiter = RateLimit(settings, store)
     limiter.install(app, get_state(app).on_finish)
     log.info("rate limiting enabled: backend=%s count_tokens=%s", settings.backend,
              settings.count_tokens)

@@ -43,6 +43,7 @@ class RedisSettings:
     key_prefix: str = "llmproxy:"
     timeout_ms: int = 50
     on_error: str = "open"
+    reconcile_delay_ms: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +123,7 @@ def _redis(section: Mapping[str, Any], environ: Mapping[str, str]) -> RedisSetti
     key = f"{PREFIX}.redis"
     # address/password/db: the Go original's shape, still accepted
     _no_unknown(section, key, ("url", "key_prefix", "timeout_ms", "on_error",
-                               "address", "password", "db"))
+                               "reconcile_delay_ms", "address", "password", "db"))
     url = section.get("url")
     if url is None and "address" in section:
         password = section.get("password") or ""
@@ -140,6 +141,9 @@ def _redis(section: Mapping[str, Any], environ: Mapping[str, str]) -> RedisSetti
         timeout_ms=_int(section.get("timeout_ms", _DEFAULT_REDIS.timeout_ms),
                         f"{key}.timeout_ms", 1),
         on_error=_choice(section.get("on_error", "open"), f"{key}.on_error", ON_ERROR),
+        reconcile_delay_ms=_int(section.get("reconcile_delay_ms",
+                                            _DEFAULT_REDIS.reconcile_delay_ms),
+                                f"{key}.reconcile_delay_ms"),
     )
 
 

@@ -2,10 +2,16 @@
 
 All workers and hosts share the counters and the Redis server clock, so limits hold across
 them. Keys share one ``{...}`` hash tag because a script may only touch keys of one slot.
+
+Corrections can be deferred (``reconcile_delay`` > 0): they are summed per counter bucket and
+sent with the worker's next reservation, or by a timer after ``reconcile_delay`` seconds when
+no reservation comes first. A busy worker then makes one round trip per request instead of
+two; the price is that a correction reaches other workers up to that delay later.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
@@ -20,9 +26,10 @@ HASH_TAG = "{rl}"
 
 
 def _script_text(name: str) -> str:
-    """A Lua script with the shared ``clock`` function prepended (scripts cannot import)."""
+    """A Lua script with the shared functions prepended (scripts cannot import)."""
     files = resources.files(__package__)
-    return "\n".join(files.joinpath(n).read_text(encoding="utf-8") for n in ("clock.lua", name))
+    return "\n".join(files.joinpath(n).read_text(encoding="utf-8")
+                     for n in ("clock.lua", "adjust.lua", name))
 
 
 def connect(url: str, timeout_ms: int) -> redis.Redis:
@@ -41,17 +48,31 @@ def connect(url: str, timeout_ms: int) -> redis.Redis:
     )
 
 
+# (counter key, bucket, granularity, span, refund?) -> summed delta. Refunds and charges are
+# summed apart: a refund to a bucket that left the window is dropped while a charge is not,
+# so their sum would not do what the two do one after the other.
+_Pending = dict[tuple[str, int, int, int, bool], int]
+
+
 class RedisStore:
     """Counters as Redis hashes; see reserve.lua for the layout."""
 
     def __init__(self, client: redis.Redis, key_prefix: str = "llmproxy:",
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, reconcile_delay: float = 0.0,
+                 on_lost: Callable[[StoreError], None] | None = None) -> None:
         self.client = client
         self.prefix = key_prefix + HASH_TAG + ":"
         # None: the Redis server clock, the same for every host. Tests inject a fake clock.
         self.clock = clock
+        self.reconcile_delay = reconcile_delay
+        # Told when deferred corrections could not be delivered (nobody else is to blame).
+        self.on_lost = on_lost
         self._reserve = client.register_script(_script_text("reserve.lua"))
         self._reconcile = client.register_script(_script_text("reconcile.lua"))
+        self._pending: _Pending = {}
+        self._timer: threading.Timer | None = None
+        # Guards _pending and _timer; nothing inside it does I/O, so it never yields to gevent.
+        self._lock = threading.Lock()
 
     def _now_arg(self) -> str:
         return "" if self.clock is None else str(int(self.clock() * 1000))
@@ -64,10 +85,19 @@ class RedisStore:
             raise StoreError(type(exc).__name__) from None
 
     def reserve(self, specs: Sequence[CounterSpec]) -> Decision:
-        args: list[str | int] = [self._now_arg()]
+        keys = [self.prefix + s.key for s in specs]
+        args: list[str | int] = [self._now_arg(), len(specs)]
         for s in specs:
             args += [s.limit, s.cost, s.need, s.granularity * 1000, s.span, int(s.optimistic)]
-        reply = self._run(self._reserve, [self.prefix + s.key for s in specs], args)
+        carried = self._take_pending()
+        if carried:
+            self._add_corrections(keys, args, carried)
+        try:
+            reply = self._run(self._reserve, keys, args)
+        except StoreError as exc:
+            if carried:
+                self._lost(exc)
+            raise
         allowed = bool(int(reply[0]))
         charged: dict[str, int] = {}
         states: list[CounterState] = []
@@ -79,13 +109,63 @@ class RedisStore:
         return Decision(allowed, charged, states)
 
     def adjust(self, adjustments: Sequence[Adjustment]) -> None:
-        todo = [a for a in adjustments if a.delta != 0]
+        """Apply corrections now, or (``reconcile_delay`` > 0) queue them; see the module doc."""
+        todo: _Pending = {}
+        for a in adjustments:
+            if a.delta:
+                k = (a.key, a.bucket, a.granularity, a.span, a.delta < 0)
+                todo[k] = todo.get(k, 0) + a.delta
         if not todo:
             return
+        if self.reconcile_delay <= 0:
+            self._send(todo)
+            return
+        with self._lock:
+            pending = self._pending
+            for k, delta in todo.items():
+                pending[k] = pending.get(k, 0) + delta
+            if self._timer is None:
+                # One timer at a time, never cancelled: a busy worker starts at most one per
+                # delay, and a timer that finds nothing left to send just ends.
+                self._timer = threading.Timer(self.reconcile_delay, self._timer_fired)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _timer_fired(self) -> None:
+        with self._lock:
+            self._timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Send the queued corrections now (the timer, worker exit, tests)."""
+        pending = self._take_pending()
+        if not pending:
+            return
+        try:
+            self._send(pending)
+        except StoreError as exc:
+            self._lost(exc)
+
+    def _take_pending(self) -> _Pending:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        return pending
+
+    def _add_corrections(self, keys: list[str], args: list[str | int], todo: _Pending) -> None:
+        for (key, bucket, granularity, span, _), delta in todo.items():
+            keys.append(self.prefix + key)
+            args += [bucket, delta, granularity * 1000, span]
+
+    def _send(self, todo: _Pending) -> None:
+        keys: list[str] = []
         args: list[str | int] = [self._now_arg()]
-        for a in todo:
-            args += [a.bucket, a.delta, a.granularity * 1000, a.span]
-        self._run(self._reconcile, [self.prefix + a.key for a in todo], args)
+        self._add_corrections(keys, args, todo)
+        self._run(self._reconcile, keys, args)
+
+    def _lost(self, exc: StoreError) -> None:
+        if self.on_lost is not None:
+            self.on_lost(exc)
 
     def close(self) -> None:
+        self.flush()
         self.client.close()

@@ -1,9 +1,14 @@
 -- Check every counter and, only if all have room, charge all of them: one atomic step.
+-- Corrections of earlier requests (see adjust.lua) may ride along and are applied first, so
+-- that they cost no round trip of their own.
 --
--- KEYS[i]  one hash per counter: field "t" = total in the window, "o" = oldest bucket index,
---          "<bucket index>" = amount charged in that bucket.
+-- KEYS[1..n]  one hash per counter: field "t" = total in the window, "o" = oldest bucket
+--             index, "<bucket index>" = amount charged in that bucket.
+-- KEYS[n+1..] counters to correct
 -- ARGV[1]  now in milliseconds, or "" to use the Redis server clock (shared by every host)
--- ARGV[1 + 6(i-1) + 1..6]  limit, cost, need, granularity_ms, span, optimistic (0|1)
+-- ARGV[2]  n
+-- ARGV[2 + 6(i-1) + 1..6]  limit, cost, need, granularity_ms, span, optimistic (0|1)
+-- ARGV[2 + 6n + 4(j-1) + 1..4]  bucket, delta, granularity_ms, span of correction j
 -- Returns {allowed (0|1), now_ms, then per counter: bucket, used, retry_ms (-1 = fits), reset_ms}
 -- All times are integers in milliseconds; bucket b counts until (b + span) * granularity_ms.
 
@@ -73,11 +78,12 @@ local function retry_ms(key, used, limit, need, g, span, optimistic, now)
 end
 
 local now = clock(ARGV[1])
-local n = #KEYS
+local n = tonumber(ARGV[2])
+adjust(now, n + 1, #KEYS - n, 2 + 6 * n)
 local params, used, oldest = {}, {}, {}
 local allowed = true
 for i = 1, n do
-  local a = 1 + (i - 1) * 6
+  local a = 2 + (i - 1) * 6
   local p = {
     limit = tonumber(ARGV[a + 1]), cost = tonumber(ARGV[a + 2]), need = tonumber(ARGV[a + 3]),
     g = tonumber(ARGV[a + 4]), span = tonumber(ARGV[a + 5]), optimistic = tonumber(ARGV[a + 6]),

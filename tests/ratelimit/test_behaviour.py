@@ -30,10 +30,8 @@ def limited_app(make_app: Callable[..., Flask], backend: str, clock: FakeClock,
     made: list[Flask] = []
 
     def factory(**settings: Any) -> Flask:
-        cfg: dict[str, Any] = {"enabled": True, "backend": backend, **settings}
-        if backend == "redis":
-            server: RedisServer = request.getfixturevalue("redis_server")
-            cfg["redis"] = {"url": server.url, "timeout_ms": 1000, **settings.get("redis", {})}
+        cfg: dict[str, Any] = {"enabled": True, **settings,
+                               **backend_config(backend, request, settings.get("redis", {}))}
         app = make_app({"features": {"rate_limiting": cfg}})
         limiter = get_ratelimit(app)
         assert limiter is not None
@@ -46,6 +44,18 @@ def limited_app(make_app: Callable[..., Flask], backend: str, clock: FakeClock,
         limiter = get_ratelimit(app)
         if limiter is not None:
             limiter.store.close()
+
+
+def backend_config(backend: str, request: pytest.FixtureRequest,
+                   redis: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The rate_limiting keys that select ``backend`` (redis_deferred: redis whose corrections
+    wait for the next reservation; the timer is set far beyond any test)."""
+    if backend == "memory":
+        return {"backend": "memory"}
+    server: RedisServer = request.getfixturevalue("redis_server")
+    delay = 3_600_000 if backend == "redis_deferred" else 0
+    return {"backend": "redis", "redis": {"url": server.url, "timeout_ms": 1000,
+                                          "reconcile_delay_ms": delay, **(redis or {})}}
 
 
 ROUTES = {
@@ -198,10 +208,8 @@ def test_unreachable_upstream_is_refunded(backend: str, request: pytest.FixtureR
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
         dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
-        cfg: dict[str, Any] = {"enabled": True, "backend": backend,
-                               "limits": {"requests_per_minute": 1}}
-        if backend == "redis":
-            cfg["redis"] = {"url": request.getfixturevalue("redis_server").url}
+        cfg: dict[str, Any] = {"enabled": True, "limits": {"requests_per_minute": 1},
+                               **backend_config(backend, request)}
         app = make_app({"providers": {"openai": {"base_url": dead}},
                         "features": {"rate_limiting": cfg}})
         client = app.test_client()

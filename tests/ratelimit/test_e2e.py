@@ -71,12 +71,18 @@ def widen_backlog(fake: Any) -> None:
     fake._server.socket.listen(1024)  # listen() again only changes the backlog
 
 
-def oldest_bucket(server: RedisServer, counter: str) -> int:
+def counter_field(server: RedisServer, counter: str, name: str) -> bytes | None:
+    """One field of a counter's hash: "o" (oldest bucket) or "t" (total)."""
     client = server.client()
     try:
-        raw = client.hget(f"llmproxy:{{rl}}:{counter}", "o")
+        raw: bytes | None = client.hget(f"llmproxy:{{rl}}:{counter}", name)
+        return raw
     finally:
         client.close()
+
+
+def oldest_bucket(server: RedisServer, counter: str) -> int:
+    raw = counter_field(server, counter, "o")
     assert raw is not None, f"no counter {counter} in Redis"
     return int(raw)
 
@@ -123,10 +129,28 @@ def test_two_instances_admit_no_more_tokens_than_the_limit(
     assert all(r.headers["X-RateLimit-Metric"] == "tokens" for r in refused)
 
 
+def counter_total(server: RedisServer, counter: str) -> int:
+    return int(counter_field(server, counter, "t") or 0)
+
+
+def await_counter(server: RedisServer, counter: str, value: int, within: float) -> float:
+    """Seconds until the counter's total became ``value`` (polled: the change happens in
+    another process, with no event this test could wait on)."""
+    started = time.monotonic()
+    while counter_total(server, counter) != value:
+        assert time.monotonic() - started < within, \
+            f"{counter} is {counter_total(server, counter)}, not {value}, after {within} s"
+        time.sleep(0.005)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("delay_ms", [0, 100])
 def test_a_stream_is_charged_its_real_usage_across_instances(
-        start_proxy: Callable[..., Any], redis_server: RedisServer, fake_upstream: Any) -> None:
+        start_proxy: Callable[..., Any], redis_server: RedisServer, fake_upstream: Any,
+        delay_ms: int) -> None:
     config = redis_config(redis_server, count_tokens="total",
                           overrides={"per_key": {KEY: {"tokens_per_minute": 100_000}}})
+    config["features"]["rate_limiting"]["redis"]["reconcile_delay_ms"] = delay_ms
     a, b = start_proxy(config, workers=2), start_proxy(config, workers=2)
     fake_upstream.scenario.input_tokens = 3000
     fake_upstream.scenario.output_tokens = 500
@@ -135,9 +159,37 @@ def test_a_stream_is_charged_its_real_usage_across_instances(
     estimate = 100_000 - int(first.headers["RateLimit"].split(";r=")[1].split(";")[0])
     assert estimate < 100
     a.wait_record(first.headers["X-Proxy-Request-ID"])  # its terminal event has run
+    counter = f"key:{fingerprint(KEY)}:tokens:minute"
+    # Deferred (delay_ms > 0), the idle worker's timer sends the correction about delay_ms
+    # after the terminal event; with 0 the terminal event sends it itself.
+    await_counter(redis_server, counter, 3500, within=5.0)
     second = chat(b.url)
     remaining = int(second.headers["RateLimit"].split(";r=")[1].split(";")[0])
     assert remaining == 100_000 - 3500 - estimate
+
+
+def test_queued_corrections_are_sent_when_a_worker_shuts_down(
+        start_proxy: Callable[..., Any], redis_server: RedisServer, fake_upstream: Any) -> None:
+    config = redis_config(redis_server, count_tokens="total",
+                          overrides={"per_key": {KEY: {"tokens_per_minute": 100_000}}})
+    # A timer far beyond the test: only the worker's exit can send the correction.
+    config["features"]["rate_limiting"]["redis"]["reconcile_delay_ms"] = 3_600_000
+    proxy = start_proxy(config, workers=1)
+    fake_upstream.scenario.input_tokens = 3000
+    fake_upstream.scenario.output_tokens = 500
+    # Connection: close, so that no idle keep-alive connection holds the worker's shutdown
+    # for the keep-alive timeout (as an SDK's pooled connection would).
+    resp = requests.post(proxy.url + CHAT, json={"model": "fake-model-1", "messages": []},
+                         headers={"Authorization": f"Bearer {KEY}", "Connection": "close"},
+                         timeout=30)
+    assert resp.status_code == 200
+    proxy.wait_record(resp.headers["X-Proxy-Request-ID"])
+    counter = f"key:{fingerprint(KEY)}:tokens:minute"
+    assert counter_total(redis_server, counter) < 100  # still the estimate
+    proxy.stop()  # SIGTERM: graceful shutdown, then the worker exits
+    assert proxy.proc is not None and proxy.proc.returncode == 0
+    assert "Worker exiting" in proxy.log_text()  # it ended by itself, not by SIGKILL
+    assert counter_total(redis_server, counter) == 3500
 
 
 def test_redis_crash_follows_on_error_and_recovers(

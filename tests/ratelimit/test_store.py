@@ -257,3 +257,86 @@ class socket_closed_port:
 
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
+
+
+# -- deferred corrections (Redis) ----------------------------------------------------------------
+
+def _total(redis_server: RedisServer, key: str) -> int:
+    client = redis_server.client()
+    try:
+        return int(client.hget(f"test:{{rl}}:{key}", "t") or 0)
+    finally:
+        client.close()
+
+
+def test_redis_deferred_corrections_ride_with_the_next_reservation(
+        redis_server: RedisServer, clock: FakeClock) -> None:
+    store = RedisStore(connect(redis_server.url, 1000), "test:", clock=clock,
+                       reconcile_delay=3600)
+    bucket = store.reserve([tokens_spec(1000, 300)]).bucket["k:tokens:minute"]
+    store.adjust([Adjustment("k:tokens:minute", bucket, -100, 60, 1)])
+    store.adjust([Adjustment("k:tokens:minute", bucket, -50, 60, 1)])
+    assert _total(redis_server, "k:tokens:minute") == 300  # queued, nothing sent yet
+    after = store.reserve([requests_spec(5, "other:requests:minute")])
+    assert after.allowed
+    assert _total(redis_server, "k:tokens:minute") == 150  # both applied by that round trip
+    store.close()
+
+
+def test_redis_deferred_corrections_are_sent_by_a_timer_when_idle(
+        redis_server: RedisServer) -> None:
+    store = RedisStore(connect(redis_server.url, 1000), "test:", reconcile_delay=0.05)
+    bucket = store.reserve([tokens_spec(1000, 300)]).bucket["k:tokens:minute"]
+    queued = time.monotonic()
+    store.adjust([Adjustment("k:tokens:minute", bucket, 200, 60, 1)])
+    # No reservation follows: only the timer can send it. Polled, with a deadline, because
+    # the timer thread offers nothing to wait on.
+    while _total(redis_server, "k:tokens:minute") != 500:
+        assert time.monotonic() - queued < 5.0, "the timer never sent the correction"
+        time.sleep(0.005)
+    assert time.monotonic() - queued >= 0.05
+    store.close()
+
+
+def test_redis_close_sends_what_is_queued(redis_server: RedisServer) -> None:
+    store = RedisStore(connect(redis_server.url, 1000), "test:", reconcile_delay=3600)
+    bucket = store.reserve([tokens_spec(1000, 300)]).bucket["k:tokens:minute"]
+    store.adjust([Adjustment("k:tokens:minute", bucket, -300, 60, 1)])
+    assert _total(redis_server, "k:tokens:minute") == 300
+    store.close()  # what worker exit does (registered with atexit)
+    assert _total(redis_server, "k:tokens:minute") == 0
+
+
+def test_redis_deferred_corrections_lost_with_redis_are_reported() -> None:
+    lost: list[StoreError] = []
+    with socket_closed_port() as port:
+        store = RedisStore(connect(f"redis://127.0.0.1:{port}/0", 50), reconcile_delay=3600,
+                           on_lost=lost.append)
+        store.adjust([Adjustment("k:requests:minute", 1, -1, 60, 1)])  # queued: no error yet
+        assert lost == []
+        store.flush()
+        assert len(lost) == 1 and isinstance(lost[0], StoreError)
+        store.flush()  # nothing left to lose
+        assert len(lost) == 1
+        store.adjust([Adjustment("k:requests:minute", 1, -1, 60, 1)])
+        with pytest.raises(StoreError):
+            store.reserve([requests_spec(1)])  # carried the correction, lost it too
+        assert len(lost) == 2
+        store.client.close()
+
+
+def test_lost_corrections_count_as_backend_errors() -> None:
+    from llmproxy.ratelimit import RateLimit, events, parse
+
+    with socket_closed_port() as port:
+        settings = parse({"features": {"rate_limiting": {
+            "enabled": True, "backend": "redis",
+            "redis": {"url": f"redis://127.0.0.1:{port}/0", "timeout_ms": 50,
+                      "reconcile_delay_ms": 3_600_000}}}})
+        limiter = RateLimit(settings)
+        assert isinstance(limiter.store, RedisStore)
+        before = events.counts().get("backend_errors", 0)
+        limiter.store.adjust([Adjustment("k:requests:minute", 1, -1, 60, 1)])
+        limiter.store.flush()
+        assert events.counts()["backend_errors"] == before + 1
+        limiter.store.client.close()
