@@ -418,3 +418,14 @@ def test_keep_alive_connection_reused(proxy: ProxyProcess, fake_upstream: FakeUp
     finally:
         conn.close()
     assert len(fake_upstream.requests) == 3
+
+
+def test_repeated_response_headers_stay_separate(proxy: ProxyProcess,
+                                                 fake_upstream: FakeUpstream) -> None:
+    # Set-Cookie must not be folded into one comma-joined line (Expires holds a comma).
+    cookies = ["a=1; Expires=Wed, 21 Oct 2026 07:28:00 GMT; Path=/", "b=2; Path=/"]
+    fake_upstream.script(lambda rec, reply: reply.send(
+        200, b'{"ok": true}', [("Set-Cookie", c) for c in cookies]))
+    resp = requests.get(f"{proxy.url}/openai/v1/models", timeout=10, stream=True)
+    assert resp.raw.headers.getlist("Set-Cookie") == cookies
+    resp.close()
