@@ -263,7 +263,8 @@ class Proxy:
             "PORT": str(self.port),
             "BIND": f"{HOST}:{self.port}",  # loopback only
             "WEB_CONCURRENCY": "1",
-            "LOG_LEVEL": "warning",
+            # As deployed: one access record per request (text, the default), to a file.
+            "LOG_LEVEL": "info",
             "GUNICORN_LOG_LEVEL": "warning",
             "LLMPROXY_OPENAI_BASE_URL": upstream.base,
             "LLMPROXY_ANTHROPIC_BASE_URL": upstream.base,

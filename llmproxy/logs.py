@@ -18,17 +18,32 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 _QUIET_PATHS = ("/health", "/metrics")
 
 # Last line of defence: whatever a message or traceback holds, these never leave the process.
-_SECRET_RES = (
-    (re.compile(rf"(?i)([?&](?:{CREDENTIAL_PARAM_RE})=)[^&#\s\"'<>]+"), r"\1REDACTED"),
-    (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=\-]{6,}"), r"\1REDACTED"),
+# Each pattern comes with the plain substrings one of which any match must contain (lower
+# case where the pattern ignores case), so that a line without them skips the regex: four
+# regex scans cost ~50 µs on a request's log line, the substring tests ~1 µs.
+_SECRET_RES: tuple[tuple[re.Pattern[str], str, tuple[str, ...], bool], ...] = (
+    (re.compile(rf"(?i)([?&](?:{CREDENTIAL_PARAM_RE})=)[^&#\s\"'<>]+"), r"\1REDACTED",
+     ("?", "&"), False),
+    (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=\-]{6,}"), r"\1REDACTED", ("bearer",), True),
     (re.compile(r"(?i)((?:x-api-key|x-goog-api-key|authorization)[\"']?\s*[:=]\s*[\"']?)"
-                r"[^\s\"',}]{6,}"), r"\1REDACTED"),
-    (re.compile(r"\b(sk-(?:ant-)?|AIza)[A-Za-z0-9_\-]{8,}"), r"\1REDACTED"),
+                r"[^\s\"',}]{6,}"), r"\1REDACTED",
+     ("x-api-key", "x-goog-api-key", "authorization"), True),
+    (re.compile(r"\b(sk-(?:ant-)?|AIza)[A-Za-z0-9_\-]{8,}"), r"\1REDACTED", ("sk-", "AIza"),
+     False),
 )
 
 
 def scrub(text: str) -> str:
-    for pattern, repl in _SECRET_RES:
+    # The substring shortcut only for ASCII text: there lower() is exactly what (?i) ignores,
+    # while Unicode case folding has exceptions (e.g. "İ" matches "i" but lowers to two
+    # characters), so any other text gets every regex.
+    ascii_only = text.isascii()
+    lowered = text.lower() if ascii_only else text
+    for pattern, repl, needles, folded in _SECRET_RES:
+        if ascii_only:
+            haystack = lowered if folded else text
+            if not any(n in haystack for n in needles):
+                continue
         text = pattern.sub(repl, text)
     return text
 

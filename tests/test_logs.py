@@ -54,3 +54,30 @@ def test_text_fields_cannot_forge_a_log_line() -> None:
     line = TextFormatter("%(message)s").format(record)
     assert "\n" not in line
     assert 'model="gpt\\n2099 INFO' in line and "user=alice" in line and "status=200" in line
+
+
+OPAQUE = "opaque-credential-0123456789"  # no sk-/AIza prefix: only the context gives it away
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "GET /gemini/v1beta/models/m:generateContent?KEY={s} failed",
+        "GET /x?alt=sse&%6Bey={s}",
+        "headers: {{'AUTHORIZATION': 'BeArEr {s}'}}",
+        'headers: {{"X-Api-Key": "{s}"}}',
+        "X-Goog-Api-Key={s}",
+        "café: authorization: {s}",  # not ASCII: every pattern runs, no shortcut
+        "naïve Bearer {s}",
+    ],
+)
+def test_scrub_finds_credentials_by_context_whatever_the_case(template: str) -> None:
+    line = template.format(s=OPAQUE)
+    scrubbed = scrub(line)
+    assert OPAQUE not in scrubbed and "REDACTED" in scrubbed
+
+
+def test_scrub_leaves_a_clean_line_alone() -> None:
+    line = ("2026-11-27 18:27:41,295 INFO llmproxy.access request completed method=POST "
+            "path=/openai/v1/chat/completions model=gpt-4o status=200 key_fingerprint=fp_0f2c")
+    assert scrub(line) == line
