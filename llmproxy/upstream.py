@@ -6,7 +6,6 @@ Library exceptions (requests, urllib3, socket) are translated here into
 
 from __future__ import annotations
 
-import select
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -19,6 +18,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 from urllib3.exceptions import ReadTimeoutError
 from urllib3.util import SKIP_HEADER
+
+from .readiness import readable_now
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus those the HTTP client must compute itself.
 HOP_BY_HOP = frozenset({
@@ -65,39 +66,19 @@ def response_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     ]
 
 
-try:  # under gevent, select.poll is gevent's: a hub round trip even with a zero timeout
-    from gevent.monkey import get_original
-
-    _poll = get_original("select", "poll")
-except ImportError:  # pragma: no cover - gevent is a dependency
-    _poll = select.poll
-
-
-def _readable_now(sock: Any) -> bool:
-    """Whether ``sock`` has data or EOF waiting; never blocks (a zero timeout)."""
-    poller = _poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
-
-
 class _CheapCheckHTTPConnection(HTTPConnection):
-    """urllib3's connection, checked for a peer close the cheap way before each reuse.
-
-    urllib3 asks ``is_connected`` every time it takes a connection from the pool; its own
-    answer goes through the patched ``select.poll``, which under gevent costs a trip through
-    the hub (~4 % of a worker's CPU per request). The real ``poll`` with a zero timeout gives
-    the same answer without ever blocking.
-    """
+    """urllib3's connection, checked for a peer close the cheap way (see readiness.py)
+    each time urllib3 takes it from the pool."""
 
     @property
     def is_connected(self) -> bool:
-        return self.sock is not None and not _readable_now(self.sock)
+        return self.sock is not None and not readable_now(self.sock)
 
 
 class _CheapCheckHTTPSConnection(HTTPSConnection):
     @property
     def is_connected(self) -> bool:
-        return self.sock is not None and not _readable_now(self.sock)
+        return self.sock is not None and not readable_now(self.sock)
 
 
 class _HTTPPool(HTTPConnectionPool):

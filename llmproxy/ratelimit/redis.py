@@ -20,6 +20,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from llmproxy.readiness import readable_now
+
 from .store import Adjustment, CounterSpec, CounterState, Decision, StoreError
 
 HASH_TAG = "{rl}"
@@ -30,6 +32,50 @@ def _script_text(name: str) -> str:
     files = resources.files(__package__)
     return "\n".join(files.joinpath(n).read_text(encoding="utf-8")
                      for n in ("clock.lua", "adjust.lua", name))
+
+
+class _CheapCheck:
+    """redis-py's pool asks ``can_read()`` of every connection it hands out (leftover data
+    means a reply was not consumed; EOF means the server closed it). When the socket has
+    nothing waiting — the usual case — say so with a real zero-timeout poll (readiness.py)
+    instead of gevent's; anything else gets redis-py's own, thorough check."""
+
+    _sock: Any
+
+    def can_read(self, timeout: float = 0) -> bool:
+        sock = self._sock
+        if timeout == 0 and sock is not None and not getattr(sock, "pending", lambda: 0)() \
+                and not readable_now(sock) and not self._buffered():
+            return False
+        result: bool = super().can_read(timeout)  # type: ignore[misc]
+        return result
+
+    def _buffered(self) -> bool:
+        """Whether the parser may hold bytes already read off the socket (True when it
+        cannot tell: then redis-py's own check runs)."""
+        parser = getattr(self, "_parser", None)
+        has_data = getattr(getattr(parser, "_reader", None), "has_data", None)  # hiredis
+        if callable(has_data):
+            return bool(has_data())
+        unread = getattr(getattr(parser, "_buffer", None), "unread_bytes", None)  # pure Python
+        if callable(unread):
+            return bool(unread())
+        return True
+
+
+class _Connection(_CheapCheck, redis.Connection):
+    pass
+
+
+class _SSLConnection(_CheapCheck, redis.SSLConnection):
+    pass
+
+
+class _UnixConnection(_CheapCheck, redis.UnixDomainSocketConnection):
+    pass
+
+
+_CONNECTION_CLASSES = {"redis": _Connection, "rediss": _SSLConnection, "unix": _UnixConnection}
 
 
 def connect(url: str, timeout_ms: int) -> redis.Redis:
@@ -45,6 +91,7 @@ def connect(url: str, timeout_ms: int) -> redis.Redis:
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
+        connection_class=_CONNECTION_CLASSES[url.split("://", 1)[0].lower()],
     )
 
 

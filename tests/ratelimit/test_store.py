@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import socket
 import threading
 import time
 
@@ -340,3 +341,29 @@ def test_lost_corrections_count_as_backend_errors() -> None:
         limiter.store.flush()
         assert events.counts()["backend_errors"] == before + 1
         limiter.store.client.close()
+
+
+# -- pooled Redis connections -------------------------------------------------------------------
+
+def test_redis_pool_replaces_a_connection_the_server_closed(redis_server: RedisServer) -> None:
+    store = RedisStore(connect(redis_server.url, 1000), "test:")
+    assert store.reserve([requests_spec(10)]).allowed  # leaves one idle pooled connection
+    admin = redis_server.client()
+    killed = admin.client_kill_filter(_type="normal", skipme=True)
+    admin.close()
+    assert killed >= 1
+    # No retries are configured: only the checkout check can notice the closed connection.
+    decision = store.reserve([requests_spec(10)])
+    assert decision.allowed and decision.states[0].used == 2
+    store.close()
+
+
+def test_redis_connection_with_an_unread_reply_is_not_reused(redis_server: RedisServer) -> None:
+    client = connect(redis_server.url, 1000)
+    conn = client.connection_pool.get_connection()
+    assert conn.can_read() is False  # idle: the cheap check answers
+    conn.send_command("PING")
+    conn._sock.recv(1, socket.MSG_PEEK)  # the reply has arrived
+    assert conn.can_read() is True  # unread reply: redis-py's pool must not hand it out
+    conn.disconnect()
+    client.close()
