@@ -105,12 +105,18 @@ def _model(name: str, entry: Any, where: str) -> ModelPrice:
     return ModelPrice(name, base, tuple(sorted(tiers, key=lambda t: t[0])))
 
 
+_FOUND_CACHE_SIZE = 4096
+
+
 class PricingTable:
     """Model prices per provider, with alias and snapshot resolution."""
 
     def __init__(self, raw: Mapping[str, Any] | None) -> None:
         self._models: dict[str, dict[str, ModelPrice]] = {}
         self._aliases: dict[str, dict[str, str]] = {}
+        # (provider, model) -> answer of lookup(): the suffix-stripping regexes then run once
+        # per model name, not once per request. Names come from clients, so it is bounded.
+        self._found: dict[tuple[str, str], ModelPrice | None] = {}
         self.as_of: str | None = None
         for provider, spec in (raw or {}).items():
             if provider == "as_of":
@@ -141,6 +147,16 @@ class PricingTable:
         """The price entry for ``model`` at ``provider``, or ``None`` when not listed."""
         if not provider or not model:
             return None
+        key = (provider, model)
+        if key in self._found:
+            return self._found[key]
+        found = self._search(provider, model)
+        if len(self._found) >= _FOUND_CACHE_SIZE:
+            self._found.clear()
+        self._found[key] = found
+        return found
+
+    def _search(self, provider: str, model: str) -> ModelPrice | None:
         models = self._models.get(provider)
         if not models:
             return None

@@ -81,3 +81,22 @@ def test_scrub_leaves_a_clean_line_alone() -> None:
     line = ("2026-11-27 18:27:41,295 INFO llmproxy.access request completed method=POST "
             "path=/openai/v1/chat/completions model=gpt-4o status=200 key_fingerprint=fp_0f2c")
     assert scrub(line) == line
+
+
+@pytest.mark.parametrize(("value", "written"), [
+    ("gpt-4o-mini", "gpt-4o-mini"),
+    (200, "200"),
+    (12.5, "12.5"),
+    ("fp_0f2c10bf3d128c71", "fp_0f2c10bf3d128c71"),
+    ("", '""'),
+    ("two words", '"two words"'),
+    ('say "hi"', '"say \\"hi\\""'),
+    ("x\nstatus=200 forged=1", '"x\\nstatus=200 forged=1"'),
+    ("tab\there", '"tab\\there"'),
+    ("modèle", '"mod\\u00e8le"'),
+    ("\x7f", '"\\u007f"'),
+])
+def test_text_values_that_could_break_the_line_are_quoted(value: object, written: str) -> None:
+    from llmproxy.logs import _text_value
+
+    assert _text_value(value) == written
