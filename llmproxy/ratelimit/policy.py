@@ -23,9 +23,11 @@ from .store import Adjustment, CounterSpec, CounterState, Store
 WINDOWS = (("minute", 60, 1), ("day", 86400, 60))
 _TEMPLATE_CACHE_SIZE = 10_000
 _SAFE_ID = re.compile(r"^[\w.@:+\-/]{1,128}$")
+# Scope and Check are built per request and never changed: plain slotted dataclasses, like
+# the store's records (see store.py for why not frozen).
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Scope:
     kind: str  # global | provider | model | key | user
     id: str  # safe to log and to send back: API keys appear as fingerprints only
@@ -35,7 +37,7 @@ class Scope:
         return self.kind if self.kind == "global" else f"{self.kind}:{self.id}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Check:
     """One counter of one scope, with the limit that applies to it."""
 
