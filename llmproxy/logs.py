@@ -99,11 +99,6 @@ def configure(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s"))
-    # No format here uses the thread or multiprocessing names, and collecting them costs
-    # every record a lookup (under gevent, a greenlet's "thread"); the logging HOWTO's
-    # "Optimization" section lists these switches.
-    logging.logThreads = False
-    logging.logMultiprocessing = False
     root = logging.getLogger("llmproxy")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

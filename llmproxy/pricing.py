@@ -106,6 +106,8 @@ def _model(name: str, entry: Any, where: str) -> ModelPrice:
 
 
 _FOUND_CACHE_SIZE = 4096
+_CACHED_NAME_MAX = 256  # longer model names (from request bodies) are looked up uncached
+_NOT_CACHED = object()
 
 
 class PricingTable:
@@ -147,14 +149,16 @@ class PricingTable:
         """The price entry for ``model`` at ``provider``, or ``None`` when not listed."""
         if not provider or not model:
             return None
+        if len(model) > _CACHED_NAME_MAX:  # a client's oversized name: not worth keeping
+            return self._search(provider, model)
         key = (provider, model)
-        if key in self._found:
-            return self._found[key]
-        found = self._search(provider, model)
-        if len(self._found) >= _FOUND_CACHE_SIZE:
-            self._found.clear()
-        self._found[key] = found
-        return found
+        found = self._found.get(key, _NOT_CACHED)
+        if found is _NOT_CACHED:
+            found = self._search(provider, model)
+            if len(self._found) >= _FOUND_CACHE_SIZE:
+                self._found.clear()
+            self._found[key] = found
+        return found  # type: ignore[return-value]
 
     def _search(self, provider: str, model: str) -> ModelPrice | None:
         models = self._models.get(provider)

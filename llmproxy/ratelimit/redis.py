@@ -11,6 +11,7 @@ two; the price is that a correction reaches other workers up to that delay later
 
 from __future__ import annotations
 
+import atexit
 import threading
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -118,7 +119,8 @@ class RedisStore:
         self._reconcile = client.register_script(_script_text("reconcile.lua"))
         self._pending: _Pending = {}
         self._timer: threading.Timer | None = None
-        # Guards _pending and _timer; nothing inside it does I/O, so it never yields to gevent.
+        # Guards _pending and _timer; nothing inside it does I/O or waits, so it never yields
+        # to gevent.
         self._lock = threading.Lock()
 
     def _now_arg(self) -> str:
@@ -167,6 +169,7 @@ class RedisStore:
         if self.reconcile_delay <= 0:
             self._send(todo)
             return
+        timer: threading.Timer | None = None
         with self._lock:
             pending = self._pending
             for k, delta in todo.items():
@@ -174,9 +177,16 @@ class RedisStore:
             if self._timer is None:
                 # One timer at a time, never cancelled: a busy worker starts at most one per
                 # delay, and a timer that finds nothing left to send just ends.
-                self._timer = threading.Timer(self.reconcile_delay, self._timer_fired)
-                self._timer.daemon = True
-                self._timer.start()
+                timer = self._timer = threading.Timer(self.reconcile_delay, self._timer_fired)
+                timer.daemon = True
+        if timer is not None:
+            # Started outside the lock: under gevent, start() waits for the new greenlet.
+            try:
+                timer.start()
+            except RuntimeError:  # no thread to be had (shutting down): the next call retries
+                with self._lock:
+                    if self._timer is timer:
+                        self._timer = None
 
     def _timer_fired(self) -> None:
         with self._lock:
@@ -215,4 +225,5 @@ class RedisStore:
 
     def close(self) -> None:
         self.flush()
+        atexit.unregister(self.flush)  # registered by build_store, if this store came from it
         self.client.close()

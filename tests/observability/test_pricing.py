@@ -182,3 +182,15 @@ def test_exchange_cost_prefers_the_response_model_and_is_computed_once(
 def test_malformed_tables_name_the_entry(raw: dict[str, Any], where: str) -> None:
     with pytest.raises(PricingError, match=where.replace(".", r"\.")):
         PricingTable(raw)
+
+
+def test_lookups_are_remembered_but_not_for_oversized_names(table: PricingTable) -> None:
+    first = table.lookup("openai", "gpt-4o-mini-2024-07-18")
+    assert first is not None
+    assert table.lookup("openai", "gpt-4o-mini-2024-07-18") is first
+    assert table.lookup("openai", "no-such-model") is None
+    assert table.lookup("openai", "no-such-model") is None  # a remembered miss stays a miss
+    held = len(table._found)
+    huge = "gpt-4o-mini" + "x" * 2_000_000  # a client can send any model name
+    assert table.lookup("openai", huge) is None
+    assert len(table._found) == held  # looked up, not kept

@@ -53,7 +53,7 @@ def backend_config(backend: str, request: pytest.FixtureRequest,
     if backend == "memory":
         return {"backend": "memory"}
     server: RedisServer = request.getfixturevalue("redis_server")
-    delay = 3_600_000 if backend == "redis_deferred" else 0
+    delay = 10_000 if backend == "redis_deferred" else 0
     return {"backend": "redis", "redis": {"url": server.url, "timeout_ms": 1000,
                                           "reconcile_delay_ms": delay, **(redis or {})}}
 
@@ -315,6 +315,8 @@ def test_store_is_redis_when_configured(make_app: Callable[..., Flask],
     ({"limits": {"requests_per_hour": 5}}, "features.rate_limiting.limits.requests_per_hour"),
     ({"count_tokens": "both"}, "features.rate_limiting.count_tokens"),
     ({"redis": {"on_error": "maybe"}}, "features.rate_limiting.redis.on_error"),
+    ({"redis": {"reconcile_delay_ms": 10_001}}, "features.rate_limiting.redis.reconcile_delay_ms"),
+    ({"redis": {"reconcile_delay_ms": -1}}, "features.rate_limiting.redis.reconcile_delay_ms"),
     ({"estimation": {"chars_per_token": 0}}, "features.rate_limiting.estimation.chars_per_token"),
     ({"overrides": {"per_key": {KEY: {"rpm": 1}}}},
      "features.rate_limiting.overrides.per_key[0].rpm"),

@@ -172,8 +172,8 @@ def test_queued_corrections_are_sent_when_a_worker_shuts_down(
         start_proxy: Callable[..., Any], redis_server: RedisServer, fake_upstream: Any) -> None:
     config = redis_config(redis_server, count_tokens="total",
                           overrides={"per_key": {KEY: {"tokens_per_minute": 100_000}}})
-    # A timer far beyond the test: only the worker's exit can send the correction.
-    config["features"]["rate_limiting"]["redis"]["reconcile_delay_ms"] = 3_600_000
+    # The longest delay allowed, far beyond this test: only the exit can send the correction.
+    config["features"]["rate_limiting"]["redis"]["reconcile_delay_ms"] = 10_000
     proxy = start_proxy(config, workers=1)
     fake_upstream.scenario.input_tokens = 3000
     fake_upstream.scenario.output_tokens = 500

@@ -333,7 +333,7 @@ def test_lost_corrections_count_as_backend_errors() -> None:
         settings = parse({"features": {"rate_limiting": {
             "enabled": True, "backend": "redis",
             "redis": {"url": f"redis://127.0.0.1:{port}/0", "timeout_ms": 50,
-                      "reconcile_delay_ms": 3_600_000}}}})
+                      "reconcile_delay_ms": 10_000}}}})
         limiter = RateLimit(settings)
         assert isinstance(limiter.store, RedisStore)
         before = events.counts().get("backend_errors", 0)
