@@ -66,19 +66,23 @@ def response_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     ]
 
 
-class _CheapCheckHTTPConnection(HTTPConnection):
-    """urllib3's connection, checked for a peer close the cheap way (see readiness.py)
-    each time urllib3 takes it from the pool."""
+class _CheapCheck:
+    """urllib3's connections, checked for a peer close the cheap way (see readiness.py)
+    each time urllib3 takes one from the pool."""
+
+    sock: Any
 
     @property
     def is_connected(self) -> bool:
         return self.sock is not None and not readable_now(self.sock)
 
 
-class _CheapCheckHTTPSConnection(HTTPSConnection):
-    @property
-    def is_connected(self) -> bool:
-        return self.sock is not None and not readable_now(self.sock)
+class _CheapCheckHTTPConnection(_CheapCheck, HTTPConnection):
+    pass
+
+
+class _CheapCheckHTTPSConnection(_CheapCheck, HTTPSConnection):
+    pass
 
 
 class _HTTPPool(HTTPConnectionPool):
@@ -120,7 +124,7 @@ class Upstream:
         # so no Session adds environment proxies, .netrc credentials, default headers or a
         # cookie jar shared by every tenant of the worker.
         self.adapter: HTTPAdapter = _Adapter(pool_connections=16, pool_maxsize=pool_maxsize,
-                                   max_retries=0, pool_block=False)
+                                             max_retries=0, pool_block=False)
 
     def send(self, method: str, url: str, headers: dict[str, str], body: Any) -> requests.Response:
         """Send the request; the response body is left unread on the socket.

@@ -9,7 +9,6 @@ algorithm and every setting are described under "Rate limiting" in README.md.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import math
 import os
@@ -57,12 +56,9 @@ def build_store(settings: RateLimitSettings,
         from .redis import RedisStore, connect
 
         client = connect(settings.redis.url, settings.redis.timeout_ms)
-        store = RedisStore(client, settings.redis.key_prefix,
-                           reconcile_delay=settings.redis.reconcile_delay_ms / 1000,
-                           on_lost=on_lost)
-        # Worker exit (SIGTERM, after in-flight requests ended): send what is still queued.
-        atexit.register(store.flush)
-        return store
+        return RedisStore(client, settings.redis.key_prefix,
+                          reconcile_delay=settings.redis.reconcile_delay_ms / 1000,
+                          on_lost=on_lost)
     return MemoryStore()
 
 

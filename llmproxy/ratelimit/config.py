@@ -95,21 +95,16 @@ def _no_unknown(section: Mapping[str, Any], key: str, allowed: tuple[str, ...]) 
             raise ConfigError(f"{key}.{name}", f"unknown key (allowed: {', '.join(allowed)})")
 
 
-def _int(value: Any, key: str, minimum: int = 0) -> int:
+def _int(value: Any, key: str, minimum: int = 0, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(key, f"must be an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(key, f"must be at most {maximum}")
     return value
 
 
 # A correction held longer would risk its bucket leaving the one-minute window meanwhile.
 MAX_RECONCILE_DELAY_MS = 10_000
-
-
-def _delay(value: Any, key: str) -> int:
-    delay = _int(value, key)
-    if delay > MAX_RECONCILE_DELAY_MS:
-        raise ConfigError(key, f"must be at most {MAX_RECONCILE_DELAY_MS} (ms)")
-    return delay
 
 
 def _positive(value: Any, key: str) -> float:
@@ -152,9 +147,9 @@ def _redis(section: Mapping[str, Any], environ: Mapping[str, str]) -> RedisSetti
         timeout_ms=_int(section.get("timeout_ms", _DEFAULT_REDIS.timeout_ms),
                         f"{key}.timeout_ms", 1),
         on_error=_choice(section.get("on_error", "open"), f"{key}.on_error", ON_ERROR),
-        reconcile_delay_ms=_delay(section.get("reconcile_delay_ms",
-                                              _DEFAULT_REDIS.reconcile_delay_ms),
-                                  f"{key}.reconcile_delay_ms"),
+        reconcile_delay_ms=_int(section.get("reconcile_delay_ms",
+                                            _DEFAULT_REDIS.reconcile_delay_ms),
+                                f"{key}.reconcile_delay_ms", maximum=MAX_RECONCILE_DELAY_MS),
     )
 
 

@@ -122,6 +122,9 @@ class RedisStore:
         # Guards _pending and _timer; nothing inside it does I/O or waits, so it never yields
         # to gevent.
         self._lock = threading.Lock()
+        if reconcile_delay > 0:
+            # Worker exit (SIGTERM, after in-flight requests ended): send what is still queued.
+            atexit.register(self.flush)
 
     def _now_arg(self) -> str:
         return "" if self.clock is None else str(int(self.clock() * 1000))
@@ -225,5 +228,5 @@ class RedisStore:
 
     def close(self) -> None:
         self.flush()
-        atexit.unregister(self.flush)  # registered by build_store, if this store came from it
+        atexit.unregister(self.flush)
         self.client.close()

@@ -323,7 +323,7 @@ def test_redis_deferred_corrections_lost_with_redis_are_reported() -> None:
         with pytest.raises(StoreError):
             store.reserve([requests_spec(1)])  # carried the correction, lost it too
         assert len(lost) == 2
-        store.client.close()
+        store.close()  # also releases its exit hook
 
 
 def test_lost_corrections_count_as_backend_errors() -> None:
@@ -340,7 +340,7 @@ def test_lost_corrections_count_as_backend_errors() -> None:
         limiter.store.adjust([Adjustment("k:requests:minute", 1, -1, 60, 1)])
         limiter.store.flush()
         assert events.counts()["backend_errors"] == before + 1
-        limiter.store.client.close()
+        limiter.store.close()
 
 
 # -- pooled Redis connections -------------------------------------------------------------------
