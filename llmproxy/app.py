@@ -1,4 +1,11 @@
-"""The app factory: settings, providers, hooks and listeners wired into one Flask app."""
+"""The app factory: every part of the proxy wired into one Flask app, in request order.
+
+Request path: ``inbound.prepare`` (identify the call) -> the rate limiter's check ->
+metrics' in-flight count -> ``relay.proxy_view`` (send, relay, stream) -> the one terminal
+event, heard by the listeners in the order registered here: pricing first (every other
+listener reads ``ex.cost_usd``), then the access log, the usage-record file, metrics, the
+limiter's reconciliation and provider health.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +16,13 @@ from flask import Flask, Response, current_app, g, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
-from . import logs, relay
+from . import inbound, relay
 from .config import Settings, build_settings, load_raw
 from .errors import error_response
-from .health import HealthTracker
-from .health import bp as health_bp
+from .observe import health, logs, metrics, records
 from .pricing import PricingTable
-from .providers import build as build_provider
+from .providers import DIALECTS, Provider
+from .ratelimit import RateLimit
 from .state import EXTENSION_KEY, ProxyState, get_state
 from .upstream import Upstream
 
@@ -36,58 +43,61 @@ EXPOSE_HEADERS = [
 def build_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     """Build the WSGI app; ``config`` is deep-merged over the YAML files (or ready Settings)."""
     settings = config if isinstance(config, Settings) else build_settings(load_raw(config))
-    app = Flask(__name__, static_folder=None)
+    app = Flask("llmproxy", static_folder=None)
     app.url_map.merge_slashes = False  # "//host" must stay visible to the path check
     app.url_map.strict_slashes = False
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.logging.level, settings.logging.format)
 
-    providers = {name: build_provider(ps) for name, ps in settings.providers.items()}
-    health = HealthTracker(list(providers), settings.health_failure_threshold,
-                           settings.health_window_seconds)
-    state = ProxyState(
-        settings=settings,
-        providers=providers,
-        upstream=Upstream(settings.connect_timeout, settings.read_timeout, settings.pool_maxsize),
-        health=health,
-    )
-    # Listener order matters only for reading: the access log comes first so that it is
-    # also the one listener kept for requests that reach no provider (404s, /health).
-    state.on_finish(logs.exchange_logger(PricingTable(settings.raw.get("pricing"))))
-    state.on_finish(health.observe)
+    providers = {name: Provider(name, ps.base_url, DIALECTS[ps.dialect])
+                 for name, ps in settings.providers.items()}
+    up = settings.upstream
+    state = ProxyState(settings=settings, providers=providers,
+                       upstream=Upstream(up.connect_timeout, up.read_timeout, up.pool_maxsize))
     app.extensions[EXTENSION_KEY] = state
+    pricing = PricingTable(settings.pricing)
 
-    CORS(app, origins=settings.cors_origins, max_age=settings.cors_max_age,
-         send_wildcard=settings.cors_origins == "*",
+    # before_request hooks run in registration order: CORS preflights are answered first,
+    # then the call is identified, limited, counted as in flight.
+    CORS(app, origins=settings.cors.origins, max_age=settings.cors.max_age,
+         send_wildcard=settings.cors.origins == "*",
          expose_headers=EXPOSE_HEADERS, allow_headers="*",
          methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
-    app.before_request(relay.prepare)
+    app.before_request(inbound.prepare)
     app.after_request(relay.finish_on_close)
 
-    app.register_blueprint(health_bp)
+    state.on_finish(pricing.price_exchange)
+    state.on_finish(logs.log_exchange)
+    state.other_listeners.append(logs.log_exchange)
+    counting = settings.metrics.enabled
+    if settings.usage_records.enabled:
+        sink = records.open_sink(app, settings.usage_records,
+                                 metrics.record_dropped_usage_record if counting else None)
+        state.on_finish(sink.on_finish)
+    checks: dict[str, health.ReadyCheck] = {}
+    if settings.ratelimit.enabled:
+        limiter = RateLimit(
+            settings.ratelimit,
+            on_denied=metrics.record_ratelimit_denial if counting else None,
+            on_backend_error=metrics.record_ratelimit_backend_error if counting else None)
+        limiter.install(app, state.on_finish)
+        checks["ratelimit_backend"] = limiter.readiness
+    else:
+        checks["ratelimit_backend"] = lambda: {"ok": True, "backend": "disabled"}
+    if counting:
+        state.on_finish(metrics.init_app(app, settings.metrics, pricing).on_finish)
+    else:
+        metrics.init_disabled(app)
+    tracker = health.Health(providers, up.health_failure_threshold, up.health_window_seconds,
+                            checks)
+    state.on_finish(tracker.observe)
+    health.init_app(app, tracker)
+
     for name, provider in providers.items():
         bp = provider.blueprint(relay.proxy_view)
         app.register_blueprint(bp, url_prefix=f"/{name}")
         app.register_blueprint(bp, url_prefix=f"/meta/<user_id>/{name}", name=f"{name}_meta")
-
     _register_error_handlers(app)
-    _init_features(app, settings.raw)
     return app
-
-
-def _init_features(app: Flask, raw: dict[str, Any]) -> None:
-    """Optional parts that hook into the request seam (before/after hooks, terminal event)."""
-    try:
-        from .ratelimit import init_app as init_ratelimit
-    except ImportError:  # pragma: no cover - while the package is absent
-        pass
-    else:
-        init_ratelimit(app, raw)
-    try:
-        from .metrics import init_app as init_metrics
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        init_metrics(app, raw)
 
 
 def _dialect() -> str | None:
@@ -99,7 +109,7 @@ def _dialect() -> str | None:
     name = parts[3] if len(parts) > 3 and parts[1] == "meta" else parts[1] if len(parts) > 1 \
         else ""
     provider = get_state(current_app).providers.get(name)
-    return provider.dialect if provider is not None else None
+    return provider.dialect.name if provider is not None else None
 
 
 def _register_error_handlers(app: Flask) -> None:

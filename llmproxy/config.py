@@ -1,4 +1,10 @@
-"""Configuration: YAML files deep-merged, then environment overrides, validated at start-up."""
+"""Configuration: YAML files deep-merged, environment overrides, one typed settings tree.
+
+This is the only module where YAML and environment variables become values: every section
+has its parser here, every parser raises :class:`ConfigError` naming the key, and
+``python -m llmproxy check-config`` runs exactly :func:`load_settings`, as the app does.
+Each setting is described in README.md and configs/base.yml.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,19 @@ import copy
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import yaml
 
+from .identity import fingerprint
+from .providers import DIALECTS
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DIALECTS = ("openai", "anthropic", "gemini")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-_RESERVED_NAMES = {"health", "metrics", "meta", "static"}
+_RESERVED_NAMES = {"health", "metrics", "meta", "static", "admin"}
 
 
 class ConfigError(Exception):
@@ -86,62 +94,221 @@ def load_raw(
     return raw
 
 
-@dataclass(frozen=True, slots=True)
-class ProviderSettings:
-    name: str
-    base_url: str  # no trailing slash
-    dialect: str
-    scheme: str
-    netloc: str
+
+# ------------------------------------------------------------------------ typed settings
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
-    """Typed view of the settings the core uses; ``raw`` keeps the whole merged mapping."""
-
-    raw: dict[str, Any]
-    providers: dict[str, ProviderSettings]
+class ServerSettings:
     max_body_bytes: int
     inspect_max_bytes: int
     trusted_proxies: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
     connect_timeout: float
     read_timeout: float
     pool_maxsize: int
     health_failure_threshold: int
     health_window_seconds: float
-    cors_origins: str | list[str]
-    cors_max_age: int
-    log_level: str
-    log_format: str
 
 
-def _section(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = raw.get(key, {})
+@dataclass(frozen=True, slots=True)
+class ProviderSettings:
+    name: str
+    base_url: str  # no trailing slash
+    dialect: str
+
+
+@dataclass(frozen=True, slots=True)
+class CorsSettings:
+    origins: str | list[str]
+    max_age: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    level: str
+    format: str
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    enabled: bool = True
+    bearer_token: str = ""
+    max_models: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecordSettings:
+    enabled: bool = False
+    path: str = "logs/usage.jsonl"
+    max_bytes: int = 100 * 1024 * 1024
+    backups: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """USD per million tokens for one prompt-length band."""
+
+    input: float
+    output: float
+    cached_input: float
+    cache_write: float
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """A model's base rates and, where the provider prices by prompt length, higher bands."""
+
+    name: str
+    base: Rates
+    tiers: tuple[tuple[int, Rates], ...] = ()  # (above_prompt_tokens, rates), ascending
+
+    def rates_for(self, prompt_tokens: int) -> Rates:
+        rates = self.base
+        for threshold, tier in self.tiers:
+            if prompt_tokens > threshold:
+                rates = tier
+        return rates
+
+
+@dataclass(frozen=True, slots=True)
+class PricingSettings:
+    as_of: str | None = None
+    models: dict[str, dict[str, ModelPrice]] = field(default_factory=dict)  # provider -> name
+    aliases: dict[str, dict[str, str]] = field(default_factory=dict)  # provider -> alias -> name
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Limits of one scope; 0 = unlimited."""
+
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    requests_per_day: int = 0
+    tokens_per_day: int = 0
+
+    def merged(self, partial: Mapping[str, int]) -> Limits:
+        return replace(self, **partial)
+
+    def any(self) -> bool:
+        return any(getattr(self, k) for k in LIMIT_KEYS)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "llmproxy:"
+    timeout_ms: int = 50
+    on_error: str = "open"
+    reconcile_delay_ms: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Estimation:
+    max_sample_bytes: int = 20000
+    bytes_per_token: float = 4.0
+    chars_per_token: float = 4.0
+    # measured with scripts/token_estimation.py; the same defaults as configs/base.yml
+    provider_chars_per_token: dict[str, float] = field(
+        default_factory=lambda: {"openai": 5.0, "anthropic": 3.0})
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    enabled: bool = False
+    backend: str = "memory"
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    count_tokens: str = "total"
+    limits: Limits = field(default_factory=Limits)
+    # scope kind -> limits for every scope of that kind (``limits`` merged with scope_limits)
+    scope_limits: dict[str, Limits] = field(default_factory=dict)
+    # scope kind -> scope id -> partial limits replacing the kind's defaults for that scope;
+    # API keys are held as fingerprints only
+    overrides: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    estimation: Estimation = field(default_factory=Estimation)
+
+    def limits_for(self, kind: str, scope_id: str) -> Limits:
+        """Effective limits of one scope: override > scope_limits[kind] > limits."""
+        base = self.scope_limits.get(kind, self.limits)
+        partial = self.overrides.get(kind, {}).get(scope_id)
+        return base if partial is None else base.merged(partial)
+
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting, validated; built once at start-up by :func:`build_settings`."""
+
+    providers: dict[str, ProviderSettings]
+    server: ServerSettings
+    upstream: UpstreamSettings
+    cors: CorsSettings
+    logging: LoggingSettings
+    metrics: MetricsSettings
+    usage_records: UsageRecordSettings
+    pricing: PricingSettings
+    ratelimit: RateLimitSettings
+
+
+# ------------------------------------------------------------------------- value checks
+
+
+def _section(raw: Mapping[str, Any], key: str, where: str | None = None) -> Mapping[str, Any]:
+    """``raw[key]`` as a mapping (missing or null: empty); ``where`` names it in errors."""
+    value = raw.get(key)
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ConfigError(key, "must be a mapping")
+        raise ConfigError(where or key, "must be a mapping")
     return value
 
 
-def _number(section: Mapping[str, Any], prefix: str, key: str, *, minimum: float,
-            integer: bool = True) -> Any:
-    value = section.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        integer and not isinstance(value, int)
-    ):
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{prefix}.{key}", f"must be {kind}, got {value!r}")
+def _no_unknown(section: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> None:
+    for name in section:
+        if name not in allowed:
+            raise ConfigError(f"{key}.{name}", f"unknown key (allowed: {', '.join(allowed)})")
+
+
+def _int(value: Any, key: str, minimum: int = 0, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"must be an integer, got {value!r}")
     if value < minimum:
-        raise ConfigError(f"{prefix}.{key}", f"must be >= {minimum}, got {value!r}")
+        raise ConfigError(key, f"must be >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(key, f"must be at most {maximum}, got {value!r}")
     return value
 
 
-def _choice(section: Mapping[str, Any], prefix: str, key: str, choices: tuple[str, ...]) -> str:
-    value = str(section.get(key, "")).lower()
+def _number(value: Any, key: str, minimum: float = 0.0, *, exclusive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, f"must be a number, got {value!r}")
+    if value < minimum or (exclusive and value == minimum):
+        raise ConfigError(key, f"must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
+    return float(value)
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, got {value!r}")
+    return value
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise ConfigError(f"{prefix}.{key}", f"must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(key, f"must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+def _str(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, got {type(value).__name__}")
     return value
+
+
+# ----------------------------------------------------------------------- section parsers
 
 
 def _provider(name: Any, spec: Any) -> ProviderSettings:
@@ -149,7 +316,8 @@ def _provider(name: Any, spec: Any) -> ProviderSettings:
     if not isinstance(name, str) or not _NAME_RE.match(name) or name in _RESERVED_NAMES \
             or name.endswith("_meta"):  # "<name>_meta" is the blueprint of /meta/<user>/<name>
         raise ConfigError(key, "provider names are lower-case letters, digits, '-' or '_', "
-                               "not health, metrics or meta, and not ending in _meta")
+                               f"not {', '.join(sorted(_RESERVED_NAMES))}, "
+                               "and not ending in _meta")
     if not isinstance(spec, Mapping):
         raise ConfigError(key, "must be a mapping with base_url and dialect")
     url = spec.get("base_url")
@@ -163,48 +331,274 @@ def _provider(name: Any, spec: Any) -> ProviderSettings:
     dialect = str(spec.get("dialect", "openai"))
     if dialect not in DIALECTS:
         raise ConfigError(f"{key}.dialect", f"must be one of {', '.join(DIALECTS)}")
-    return ProviderSettings(name, url.rstrip("/"), dialect, parts.scheme, parts.netloc)
+    return ProviderSettings(name, url.rstrip("/"), dialect)
 
 
-def build_settings(raw: dict[str, Any]) -> Settings:
-    """Validate ``raw``; raises :class:`ConfigError` naming the first bad key."""
-    server = _section(raw, "server")
-    upstream = _section(raw, "upstream")
-    cors = _section(raw, "cors")
-    logging_ = _section(raw, "logging")
-    providers_raw = _section(raw, "providers")
+def parse_providers(raw: Mapping[str, Any]) -> dict[str, ProviderSettings]:
     providers = {}
-    for name, spec in providers_raw.items():
+    for name, spec in _section(raw, "providers").items():
         if spec is None:  # an overlay may switch a provider off with `name: null`
             continue
         providers[name] = _provider(name, spec)
     if not providers:
         raise ConfigError("providers", "at least one provider is required")
-    origins = cors.get("origins", "*")
+    return providers
+
+
+def parse_server(raw: Mapping[str, Any]) -> ServerSettings:
+    s = _section(raw, "server")
+    return ServerSettings(
+        max_body_bytes=_int(s.get("max_body_bytes"), "server.max_body_bytes", 1),
+        inspect_max_bytes=_int(s.get("inspect_max_bytes"), "server.inspect_max_bytes"),
+        trusted_proxies=_int(s.get("trusted_proxies"), "server.trusted_proxies"),
+    )
+
+
+def parse_upstream(raw: Mapping[str, Any]) -> UpstreamSettings:
+    s = _section(raw, "upstream")
+    return UpstreamSettings(
+        connect_timeout=_number(s.get("connect_timeout"), "upstream.connect_timeout", 0.001),
+        read_timeout=_number(s.get("read_timeout"), "upstream.read_timeout", 0.001),
+        pool_maxsize=_int(s.get("pool_maxsize"), "upstream.pool_maxsize", 1),
+        health_failure_threshold=_int(s.get("health_failure_threshold"),
+                                      "upstream.health_failure_threshold", 1),
+        health_window_seconds=_number(s.get("health_window_seconds"),
+                                      "upstream.health_window_seconds", 1),
+    )
+
+
+def parse_cors(raw: Mapping[str, Any]) -> CorsSettings:
+    s = _section(raw, "cors")
+    origins = s.get("origins", "*")
     if not (isinstance(origins, str) or (
         isinstance(origins, list) and all(isinstance(o, str) for o in origins)
     )):
         raise ConfigError("cors.origins", "must be \"*\" or a list of origins")
-    return Settings(
-        raw=raw,
-        providers=providers,
-        max_body_bytes=_number(server, "server", "max_body_bytes", minimum=1),
-        inspect_max_bytes=_number(server, "server", "inspect_max_bytes", minimum=0),
-        trusted_proxies=_number(server, "server", "trusted_proxies", minimum=0),
-        connect_timeout=_number(upstream, "upstream", "connect_timeout", minimum=0.001,
-                                integer=False),
-        read_timeout=_number(upstream, "upstream", "read_timeout", minimum=0.001, integer=False),
-        pool_maxsize=_number(upstream, "upstream", "pool_maxsize", minimum=1),
-        health_failure_threshold=_number(upstream, "upstream", "health_failure_threshold",
-                                         minimum=1),
-        health_window_seconds=_number(upstream, "upstream", "health_window_seconds",
-                                      minimum=1, integer=False),
-        cors_origins=origins,
-        cors_max_age=_number(cors, "cors", "max_age", minimum=0),
-        log_level=_choice(logging_, "logging", "level", ("debug", "info", "warning", "error")),
-        log_format=_choice(logging_, "logging", "format", ("text", "json")),
+    return CorsSettings(origins, _int(s.get("max_age"), "cors.max_age"))
+
+
+def parse_logging(raw: Mapping[str, Any]) -> LoggingSettings:
+    s = _section(raw, "logging")
+    return LoggingSettings(
+        level=_choice(str(s.get("level", "")).lower(), "logging.level",
+                      ("debug", "info", "warning", "error")),
+        format=_choice(str(s.get("format", "")).lower(), "logging.format", ("text", "json")),
     )
 
 
-def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
-    return build_settings(load_raw(overrides))
+def parse_metrics(raw: Mapping[str, Any], environ: Mapping[str, str]) -> MetricsSettings:
+    s = _section(raw, "metrics")
+    d = MetricsSettings()
+    token = s.get("bearer_token") or environ.get("LLMPROXY_METRICS_TOKEN", "")
+    return MetricsSettings(
+        enabled=_bool(s.get("enabled", d.enabled), "metrics.enabled"),
+        bearer_token=_str(token, "metrics.bearer_token"),
+        max_models=_int(s.get("max_models", d.max_models), "metrics.max_models"),
+    )
+
+
+def parse_usage_records(raw: Mapping[str, Any]) -> UsageRecordSettings:
+    s = _section(raw, "usage_records")
+    d = UsageRecordSettings()
+    return UsageRecordSettings(
+        enabled=_bool(s.get("enabled", d.enabled), "usage_records.enabled"),
+        path=_str(s.get("path") or d.path, "usage_records.path"),
+        max_bytes=_int(s.get("max_bytes", d.max_bytes), "usage_records.max_bytes"),
+        backups=_int(s.get("backups", d.backups), "usage_records.backups"),
+    )
+
+
+_PRICE_KEYS = ("input", "output", "cached_input", "cache_write")
+
+
+def _price(entry: Mapping[str, Any], key: str, where: str, default: float | None) -> float:
+    value = entry.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"pricing.{where}.{key}", f"must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _rates(entry: Mapping[str, Any], where: str, inherit: Rates | None) -> Rates:
+    unknown = set(entry) - set(_PRICE_KEYS) - {"tiers", "above_prompt_tokens"}
+    if unknown:
+        raise ConfigError(f"pricing.{where}", f"unknown keys {sorted(unknown)}")
+    input_ = _price(entry, "input", where, inherit.input if inherit else None)
+    output = _price(entry, "output", where, inherit.output if inherit else None)
+    # Without a discount listed, cached and cache-write tokens cost the input price.
+    cached = _price(entry, "cached_input", where, inherit.cached_input if inherit else input_)
+    write = _price(entry, "cache_write", where, inherit.cache_write if inherit else input_)
+    return Rates(input_, output, cached, write)
+
+
+def _model_price(name: str, entry: Any, where: str) -> ModelPrice:
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"pricing.{where}", "must be a mapping of prices")
+    base = _rates(entry, where, None)
+    tiers = []
+    for i, tier in enumerate(entry.get("tiers") or ()):
+        tier_where = f"{where}.tiers[{i}]"
+        if not isinstance(tier, Mapping):
+            raise ConfigError(f"pricing.{tier_where}", "must be a mapping")
+        threshold = tier.get("above_prompt_tokens")
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+            raise ConfigError(f"pricing.{tier_where}.above_prompt_tokens",
+                              "must be an integer")
+        tiers.append((threshold, _rates(tier, tier_where, base)))
+    return ModelPrice(name, base, tuple(sorted(tiers, key=lambda t: t[0])))
+
+
+def parse_pricing(raw: Mapping[str, Any]) -> PricingSettings:
+    """The ``pricing`` section: USD per million tokens per provider route and model."""
+    as_of: str | None = None
+    models: dict[str, dict[str, ModelPrice]] = {}
+    aliases: dict[str, dict[str, str]] = {}
+    for provider, spec in _section(raw, "pricing").items():
+        if provider == "as_of":
+            as_of = str(spec)
+            continue
+        if spec is None:
+            continue
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"pricing.{provider}", "must be a mapping with models")
+        table = {
+            str(name): _model_price(str(name), entry, f"{provider}.models.{name}")
+            for name, entry in _section(spec, "models", f"pricing.{provider}.models").items()
+        }
+        names = {str(a): str(t) for a, t in
+                 _section(spec, "aliases", f"pricing.{provider}.aliases").items()}
+        for alias, target in names.items():
+            if target not in table:
+                raise ConfigError(f"pricing.{provider}.aliases.{alias}",
+                                  f"unknown model {target!r}")
+        models[str(provider)] = table
+        aliases[str(provider)] = names
+    return PricingSettings(as_of, models, aliases)
+
+
+RL = "features.rate_limiting"
+LIMIT_KEYS = ("requests_per_minute", "tokens_per_minute", "requests_per_day", "tokens_per_day")
+SCOPE_KINDS = ("global", "provider", "model", "key", "user")
+OVERRIDE_KINDS = {"per_key": "key", "per_user": "user", "per_model": "model",
+                  "per_provider": "provider"}
+# A correction held longer would risk its bucket leaving the one-minute window meanwhile.
+MAX_RECONCILE_DELAY_MS = 10_000
+
+
+def _partial_limits(value: Any, key: str) -> dict[str, int]:
+    section = _section({"v": value}, "v", key)
+    _no_unknown(section, key, LIMIT_KEYS)
+    return {name: _int(v, f"{key}.{name}") for name, v in section.items()}
+
+
+def _redis(section: Mapping[str, Any], environ: Mapping[str, str]) -> RedisSettings:
+    key = f"{RL}.redis"
+    d = RedisSettings()
+    # address/password/db: an older shape, still accepted
+    _no_unknown(section, key, ("url", "key_prefix", "timeout_ms", "on_error",
+                               "reconcile_delay_ms", "address", "password", "db"))
+    url = section.get("url")
+    if url is None and "address" in section:
+        password = section.get("password") or ""
+        auth = f":{quote(str(password), safe='')}@" if password else ""
+        url = f"redis://{auth}{section['address']}/{_int(section.get('db', 0), f'{key}.db')}"
+    url = environ.get("LLMPROXY_REDIS_URL") or url or d.url
+    if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{key}.url", "must be a redis://, rediss:// or unix:// URL")
+    prefix = section.get("key_prefix", d.key_prefix)
+    if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
+        raise ConfigError(f"{key}.key_prefix", "must be a string without { or }")
+    return RedisSettings(
+        url=url,
+        key_prefix=prefix,
+        timeout_ms=_int(section.get("timeout_ms", d.timeout_ms), f"{key}.timeout_ms", 1),
+        on_error=_choice(section.get("on_error", d.on_error), f"{key}.on_error",
+                         ("open", "closed")),
+        reconcile_delay_ms=_int(section.get("reconcile_delay_ms", d.reconcile_delay_ms),
+                                f"{key}.reconcile_delay_ms", maximum=MAX_RECONCILE_DELAY_MS),
+    )
+
+
+def _estimation(section: Mapping[str, Any]) -> Estimation:
+    key = f"{RL}.estimation"
+    _no_unknown(section, key, ("max_sample_bytes", "bytes_per_token", "chars_per_token",
+                               "provider_chars_per_token"))
+    d = Estimation()
+    per_provider = section.get("provider_chars_per_token", d.provider_chars_per_token)
+    per_provider = _section({"v": per_provider}, "v", f"{key}.provider_chars_per_token")
+    return Estimation(
+        max_sample_bytes=_int(section.get("max_sample_bytes", d.max_sample_bytes),
+                              f"{key}.max_sample_bytes"),
+        bytes_per_token=_number(section.get("bytes_per_token", d.bytes_per_token),
+                                f"{key}.bytes_per_token", exclusive=True),
+        chars_per_token=_number(section.get("chars_per_token", d.chars_per_token),
+                                f"{key}.chars_per_token", exclusive=True),
+        provider_chars_per_token={
+            str(name): _number(v, f"{key}.provider_chars_per_token.{name}", exclusive=True)
+            for name, v in per_provider.items()
+        },
+    )
+
+
+def parse_ratelimit(raw: Mapping[str, Any], environ: Mapping[str, str]) -> RateLimitSettings:
+    """The ``features.rate_limiting`` section (algorithm: docs/rate-limiting.md)."""
+    section = _section(_section(raw, "features"), "rate_limiting", RL)
+    _no_unknown(section, RL, ("enabled", "backend", "redis", "count_tokens", "limits",
+                              "scope_limits", "overrides", "estimation"))
+    limits = Limits().merged(_partial_limits(section.get("limits"), f"{RL}.limits"))
+
+    scope_section = _section(section, "scope_limits", f"{RL}.scope_limits")
+    _no_unknown(scope_section, f"{RL}.scope_limits", SCOPE_KINDS)
+    scope_limits = {
+        kind: limits.merged(_partial_limits(value, f"{RL}.scope_limits.{kind}"))
+        for kind, value in scope_section.items()
+    }
+
+    overrides_section = _section(section, "overrides", f"{RL}.overrides")
+    _no_unknown(overrides_section, f"{RL}.overrides", tuple(OVERRIDE_KINDS))
+    overrides: dict[str, dict[str, dict[str, int]]] = {}
+    for name, kind in OVERRIDE_KINDS.items():
+        table = _section(overrides_section, name, f"{RL}.overrides.{name}")
+        parsed: dict[str, dict[str, int]] = {}
+        for n, (scope_id, value) in enumerate(table.items()):
+            # per_key entries may be raw API keys: name them by position, never by value
+            label = f"[{n}]" if kind == "key" else f".{scope_id}"
+            limits_ = _partial_limits(value, f"{RL}.overrides.{name}{label}")
+            scope = str(scope_id)
+            if kind == "key" and not scope.startswith("fp_"):
+                scope = fingerprint(scope)  # keep no raw key past start-up
+            parsed[scope] = limits_
+        overrides[kind] = parsed
+
+    return RateLimitSettings(
+        enabled=_bool(section.get("enabled", False), f"{RL}.enabled"),
+        backend=_choice(section.get("backend", "memory"), f"{RL}.backend", ("memory", "redis")),
+        redis=_redis(_section(section, "redis", f"{RL}.redis"), environ),
+        count_tokens=_choice(section.get("count_tokens", "total"), f"{RL}.count_tokens",
+                             ("input", "output", "total")),
+        limits=limits,
+        scope_limits=scope_limits,
+        overrides=overrides,
+        estimation=_estimation(_section(section, "estimation", f"{RL}.estimation")),
+    )
+
+
+def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate ``raw`` (the merged YAML); raises :class:`ConfigError` naming the first bad key."""
+    env = os.environ if environ is None else environ
+    return Settings(
+        providers=parse_providers(raw),
+        server=parse_server(raw),
+        upstream=parse_upstream(raw),
+        cors=parse_cors(raw),
+        logging=parse_logging(raw),
+        metrics=parse_metrics(raw, env),
+        usage_records=parse_usage_records(raw),
+        pricing=parse_pricing(raw),
+        ratelimit=parse_ratelimit(raw, env),
+    )
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """What the app runs with: the YAML files, ``overrides`` and the environment, validated."""
+    return build_settings(load_raw(overrides, environ), environ)

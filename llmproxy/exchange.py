@@ -3,7 +3,7 @@
 Every request that reaches a provider route gets an :class:`Exchange`. Exactly one
 terminal event fires for it (``completed``, ``client_aborted`` or ``upstream_error``),
 however the response ends: the relay's stream generator, or the WSGI server closing a
-response that was never iterated. Logging, rate-limit reconciliation, metrics and
+response that was never iterated. Pricing, logging, rate-limit reconciliation, metrics and
 provider health all listen to that one event, so none of them can count a request twice
 or miss it.
 """
@@ -14,22 +14,82 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
-
-from .usage import ResponseMeta
 
 log = logging.getLogger(__name__)
 
-COMPLETED = "completed"
-CLIENT_ABORTED = "client_aborted"
-UPSTREAM_ERROR = "upstream_error"
+
+class _Word(str, Enum):
+    """A closed set of words that log, serialise and compare as their plain string."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Outcome(_Word):
+    """How an exchange ended."""
+
+    COMPLETED = "completed"  # the response was sent whole (whatever its status)
+    CLIENT_ABORTED = "client_aborted"  # the client left before the end
+    UPSTREAM_ERROR = "upstream_error"  # the provider could not be reached, timed out or broke
+
+
+class ErrorKind(_Word):
+    """Why an exchange failed, when it did."""
+
+    CONNECT = "connect"  # no connection to the provider, or it closed one early
+    TIMEOUT = "timeout"  # the provider did not answer in time
+    MIDSTREAM = "midstream"  # the provider's response broke after it started
+    TOO_LARGE = "too_large"  # the request body exceeded server.max_body_bytes
+    CLIENT_GONE = "client_gone"  # the client left before its body or the answer was complete
+    CLIENT_READ = "client_read"  # the client's body could not be read (malformed chunking)
+    TRANSFER_CODING = "transfer_coding"  # an upload coding other than chunked
+    RATE_LIMITED = "rate_limited"  # refused by a rate limit (429)
+    RATELIMIT_UNAVAILABLE = "ratelimit_unavailable"  # the limiter's store failed, on_error: closed
+
 
 FinishListener = Callable[["Exchange"], None]
 
 
+@dataclass(slots=True)
+class Usage:
+    """Token counts as the provider reported them; ``None`` means not reported."""
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cache_creation_tokens: int | None = None
+
+
+@dataclass(slots=True)
+class ResponseMeta:
+    """What a response said about itself: model, usage, finish reason, in-stream error."""
+
+    model: str | None = None
+    finish_reason: str | None = None
+    response_id: str | None = None
+    error: str | None = None
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """Facts a dialect read off one request; ``None`` means unknown."""
+
+    model: str | None = None
+    streaming: bool = False
+    user: str | None = None
+    text_chars: int | None = None  # characters of textual prompt content; None: not JSON
+    max_output_tokens: int | None = None
+    json_ok: bool = False  # the body was inspected and is a JSON object
+
+
 @dataclass(slots=True, eq=False)
 class Exchange:
-    """Per-request state; plugins keep their own state in :attr:`extras`."""
+    """Per-request state, filled in by the stages it passes through."""
 
     request_id: str
     method: str
@@ -47,14 +107,19 @@ class Exchange:
     started: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
     ttfb: float | None = None  # seconds to the first response byte leaving the proxy
-    status: int | None = None
-    outcome: str | None = None
-    error_kind: str | None = None  # connect | timeout | midstream | body_too_large | ...
+    status: int | None = None  # the status the client got
+    upstream_status: int | None = None  # the status the provider answered with, if it did
+    outcome: Outcome | None = None
+    error_kind: ErrorKind | None = None
     request_bytes: int = 0
     response_bytes: int = 0
     meta: ResponseMeta = field(default_factory=ResponseMeta)
-    request_info: Any = None  # llmproxy.request_info.RequestInfo when the body was inspected
-    extras: dict[str, Any] = field(default_factory=dict)
+    request_info: RequestInfo | None = None  # set when the request was identified
+    cost_usd: float | None = None  # set by pricing, the first terminal-event listener
+    reservation: Any = None  # the rate limiter's Reservation when it admitted the call
+    denial: Any = None  # the rate limiter's Denial when it refused the call
+    counted_in_flight: bool = False  # metrics: counted in the in-flight gauge
+    counted_stream: bool = False  # metrics: counted in the open-streams gauge
     duration: float | None = None
     _listeners: tuple[FinishListener, ...] = ()
     _finished: bool = False
@@ -67,14 +132,14 @@ class Exchange:
         if self.ttfb is None:
             self.ttfb = time.monotonic() - self.started
 
-    def finish(self, outcome: str | None = None) -> None:
+    def finish(self, outcome: Outcome | None = None) -> None:
         """Fire the terminal event once; later calls are ignored."""
         if self._finished:
             return
         self._finished = True
         self.duration = time.monotonic() - self.started
         if self.outcome is None:
-            self.outcome = outcome or COMPLETED
+            self.outcome = outcome or Outcome.COMPLETED
         if self.model is None:
             self.model = self.meta.model
         for listener in self._listeners:

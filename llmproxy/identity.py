@@ -37,20 +37,23 @@ def redact_query(target: str) -> str:
     return _KEY_PARAM_RE.sub(r"\1REDACTED", target)
 
 
-def api_key(headers: HeadersLike, query: str) -> str | None:
-    """The caller's provider credential, wherever the SDK put it."""
-    auth = headers.get("Authorization")
-    if auth:
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-    for name in ("x-api-key", "x-goog-api-key"):
+def api_key(headers: HeadersLike, query: str,
+            header_names: tuple[str, ...] = ("Authorization", "x-api-key", "x-goog-api-key"),
+            params: tuple[str, ...] = ("key",)) -> str | None:
+    """The caller's provider credential, from the slots its dialect's SDKs use."""
+    for name in header_names:
         value = headers.get(name)
-        if value:
-            return value.strip()
-    if "=" in query:
+        if not value:
+            continue
+        if name.lower() == "authorization":
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            continue
+        return value.strip()
+    if params and "=" in query:
         for name, value in parse_qsl(query, keep_blank_values=False):
-            if name == "key" and value:
+            if name in params and value:
                 return value
     return None
 

@@ -6,25 +6,20 @@ dated-snapshot suffix (``gpt-4o-2024-08-06`` -> ``gpt-4o``, ``claude-sonnet-4-20
 ``claude-sonnet-4``, ``gemini-2.0-flash-001`` -> ``gemini-2.0-flash``). Nothing else is
 guessed: a model that does not resolve, or a response without usage, costs ``None``.
 
-Token counts mean what llmproxy/parsers.py says: ``output_tokens`` includes reasoning for
-every provider; ``cached_tokens`` is part of ``input_tokens`` for OpenAI and Gemini, but for
-Anthropic ``input_tokens`` excludes both cache reads (``cached_tokens``) and cache writes
-(``cache_creation_tokens``), which are billed on top at their own prices.
+Token counts are first normalised by the provider's dialect (``Dialect.normalized_tokens``):
+input is the whole prompt, cached and cache-written tokens included, which are then billed at
+their own prices; output includes reasoning.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
 
-from .config import ConfigError
-from .exchange import Exchange
-from .usage import Usage
+from .config import ModelPrice, PricingSettings
+from .exchange import Exchange, Usage
+from .providers import DIALECTS, Dialect
 
 PER_TOKENS = 1_000_000
-_PRICE_KEYS = ("input", "output", "cached_input", "cache_write")
 
 # Suffixes that name a dated snapshot or a release channel of the same model, removed one
 # step at a time until a priced name is found. Only these: a model is never matched by prefix
@@ -39,72 +34,6 @@ _SNAPSHOT_SUFFIXES = (
 )
 
 
-class PricingError(ConfigError):
-    """The pricing table is malformed; the message names the entry."""
-
-
-@dataclass(frozen=True, slots=True)
-class Rates:
-    """USD per million tokens for one prompt-length band."""
-
-    input: float
-    output: float
-    cached_input: float
-    cache_write: float
-
-
-@dataclass(frozen=True, slots=True)
-class ModelPrice:
-    """A model's base rates and, where the provider prices by prompt length, higher bands."""
-
-    name: str
-    base: Rates
-    tiers: tuple[tuple[int, Rates], ...] = ()  # (above_prompt_tokens, rates), ascending
-
-    def rates_for(self, prompt_tokens: int) -> Rates:
-        rates = self.base
-        for threshold, tier in self.tiers:
-            if prompt_tokens > threshold:
-                rates = tier
-        return rates
-
-
-def _price(entry: Mapping[str, Any], key: str, where: str, default: float | None) -> float:
-    value = entry.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise PricingError(f"pricing.{where}.{key}", f"must be a number >= 0, got {value!r}")
-    return float(value)
-
-
-def _rates(entry: Mapping[str, Any], where: str, inherit: Rates | None) -> Rates:
-    unknown = set(entry) - set(_PRICE_KEYS) - {"tiers", "above_prompt_tokens"}
-    if unknown:
-        raise PricingError(f"pricing.{where}", f"unknown keys {sorted(unknown)}")
-    input_ = _price(entry, "input", where, inherit.input if inherit else None)
-    output = _price(entry, "output", where, inherit.output if inherit else None)
-    # Without a discount listed, cached and cache-write tokens cost the input price.
-    cached = _price(entry, "cached_input", where, inherit.cached_input if inherit else input_)
-    write = _price(entry, "cache_write", where, inherit.cache_write if inherit else input_)
-    return Rates(input_, output, cached, write)
-
-
-def _model(name: str, entry: Any, where: str) -> ModelPrice:
-    if not isinstance(entry, Mapping):
-        raise PricingError(f"pricing.{where}", "must be a mapping of prices")
-    base = _rates(entry, where, None)
-    tiers = []
-    for i, tier in enumerate(entry.get("tiers") or ()):
-        tier_where = f"{where}.tiers[{i}]"
-        if not isinstance(tier, Mapping):
-            raise PricingError(f"pricing.{tier_where}", "must be a mapping")
-        threshold = tier.get("above_prompt_tokens")
-        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
-            raise PricingError(f"pricing.{tier_where}.above_prompt_tokens",
-                               "must be an integer")
-        tiers.append((threshold, _rates(tier, tier_where, base)))
-    return ModelPrice(name, base, tuple(sorted(tiers, key=lambda t: t[0])))
-
-
 _FOUND_CACHE_SIZE = 4096
 _CACHED_NAME_MAX = 256  # longer model names (from request bodies) are looked up uncached
 _NOT_CACHED = object()
@@ -113,32 +42,13 @@ _NOT_CACHED = object()
 class PricingTable:
     """Model prices per provider, with alias and snapshot resolution."""
 
-    def __init__(self, raw: Mapping[str, Any] | None) -> None:
-        self._models: dict[str, dict[str, ModelPrice]] = {}
-        self._aliases: dict[str, dict[str, str]] = {}
+    def __init__(self, settings: PricingSettings) -> None:
+        self._models = settings.models
+        self._aliases = settings.aliases
+        self.as_of = settings.as_of
         # (provider, model) -> answer of lookup(): the suffix-stripping regexes then run once
         # per model name, not once per request. Names come from clients, so it is bounded.
         self._found: dict[tuple[str, str], ModelPrice | None] = {}
-        self.as_of: str | None = None
-        for provider, spec in (raw or {}).items():
-            if provider == "as_of":
-                self.as_of = str(spec)
-                continue
-            if spec is None:
-                continue
-            if not isinstance(spec, Mapping):
-                raise PricingError(f"pricing.{provider}", "must be a mapping with models")
-            models = {
-                str(name): _model(str(name), entry, f"{provider}.models.{name}")
-                for name, entry in (spec.get("models") or {}).items()
-            }
-            aliases = {str(a): str(t) for a, t in (spec.get("aliases") or {}).items()}
-            for alias, target in aliases.items():
-                if target not in models:
-                    raise PricingError(f"pricing.{provider}.aliases.{alias}",
-                                       f"unknown model {target!r}")
-            self._models[str(provider)] = models
-            self._aliases[str(provider)] = aliases
 
     def known_names(self, provider: str) -> frozenset[str]:
         """Model names and aliases listed for ``provider`` (exact names only)."""
@@ -182,72 +92,33 @@ class PricingTable:
                 return None
 
     def cost(self, provider: str | None, model: str | None, usage: Usage,
-             dialect: str | None = None) -> float | None:
+             dialect: Dialect) -> float | None:
+        """USD for ``usage`` of ``model`` at ``provider``, or None when either is unknown."""
         price = self.lookup(provider, model)
         if price is None:
             return None
-        return _cost(price, usage, dialect or provider or "openai")
+        if usage.input_tokens is None and usage.output_tokens is None:
+            return None  # nothing reported (error, aborted before usage): unknown, not zero
+        tokens = dialect.normalized_tokens(usage)
+        cached, written = tokens["cached"], tokens["cache_creation"]
+        uncached = max(tokens["input"] - cached - written, 0)
+        rates = price.rates_for(tokens["input"])
+        dollars = (uncached * rates.input + cached * rates.cached_input
+                   + written * rates.cache_write + tokens["output"] * rates.output) / PER_TOKENS
+        return round(dollars, 10)
 
+    def price_exchange(self, ex: Exchange) -> None:
+        """The first terminal-event listener: ``ex.cost_usd``, computed once for every other.
 
-def normalized_tokens(usage: Usage, dialect: str | None) -> dict[str, int]:
-    """Token counts with one meaning across dialects (the metric ``kind`` label).
-
-    ``input`` is the whole prompt (cached and cache-written tokens included), ``output``
-    everything generated (reasoning included); ``cached``, ``cache_creation`` and
-    ``reasoning`` are parts of those. Counts not reported are 0. Only Anthropic reports
-    cache reads and writes outside ``input_tokens``.
-    """
-    input_ = usage.input_tokens or 0
-    output = usage.output_tokens or 0
-    cached = usage.cached_tokens or 0
-    written = usage.cache_creation_tokens or 0
-    reasoning = usage.reasoning_tokens or 0
-    if dialect == "anthropic":
-        input_ += cached + written
-    return {"input": input_, "output": output, "cached": min(cached, input_),
-            "cache_creation": written, "reasoning": reasoning}
-
-
-def _cost(price: ModelPrice, usage: Usage, dialect: str) -> float | None:
-    if usage.input_tokens is None and usage.output_tokens is None:
-        return None  # nothing reported (error, aborted before usage): unknown, not zero
-    tokens = normalized_tokens(usage, dialect)
-    cached, written = tokens["cached"], tokens["cache_creation"]
-    uncached = max(tokens["input"] - cached - written, 0)
-    rates = price.rates_for(tokens["input"])
-    dollars = (uncached * rates.input + cached * rates.cached_input
-               + written * rates.cache_write + tokens["output"] * rates.output) / PER_TOKENS
-    return round(dollars, 10)
-
-
-def cost_usd(pricing: PricingTable, provider: str | None, model: str | None, usage: Usage,
-             dialect: str | None = None) -> float | None:
-    """Estimated USD cost of one response, or ``None`` when the model or usage is unknown.
-
-    ``dialect`` defaults to ``provider`` (right for openai, anthropic and gemini routes);
-    pass it for other routes, e.g. ``groq`` speaks ``openai``.
-    """
-    return pricing.cost(provider, model, usage, dialect)
-
-
-def is_token_count(ex: Exchange) -> bool:
-    """Anthropic ``/messages/count_tokens`` and Gemini ``:countTokens``: free, and their
-    ``input_tokens`` is a measurement, not usage."""
-    path = ex.upstream_path.partition("?")[0]
-    return path.endswith("/count_tokens") or path.endswith(":countTokens")
-
-
-def exchange_cost(pricing: PricingTable, ex: Exchange) -> float | None:
-    """The exchange's cost, computed once and kept in ``ex.extras["cost_usd"]``.
-
-    The model the response names (a dated snapshot, what was billed) wins over the one
-    requested.
-    """
-    if "cost_usd" not in ex.extras:
-        if is_token_count(ex) and ex.status is not None and ex.status < 400:
-            ex.extras["cost_usd"] = 0.0
+        The model the response names (a dated snapshot, what was billed) wins over the one
+        requested; free token-counting calls cost 0.
+        """
+        dialect = DIALECTS.get(ex.dialect or "")
+        if dialect is None:  # not a provider call
+            return
+        if dialect.is_token_count(ex.upstream_path.partition("?")[0].rstrip("/")) \
+                and ex.status is not None and ex.status < 400:
+            ex.cost_usd = 0.0
         else:
-            ex.extras["cost_usd"] = pricing.cost(ex.provider, ex.meta.model or ex.model,
-                                                 ex.meta.usage, ex.dialect)
-    cost: float | None = ex.extras["cost_usd"]
-    return cost
+            ex.cost_usd = self.cost(ex.provider, ex.meta.model or ex.model, ex.meta.usage,
+                                    dialect)

@@ -1,8 +1,8 @@
 """The forwarding view: one upstream call, the response streamed back chunk by chunk.
 
-Request path: :func:`prepare` (a ``before_request`` hook) identifies the call and builds
-its :class:`~llmproxy.exchange.Exchange`; other hooks (rate limiting) may answer
-instead; :func:`proxy_view` sends it upstream with ``stream=True`` and returns either
+Request path: :func:`llmproxy.inbound.prepare` (a ``before_request`` hook) identifies the
+call and builds its :class:`~llmproxy.exchange.Exchange`; other hooks (rate limiting) may
+answer instead; :func:`proxy_view` sends it upstream with ``stream=True`` and returns either
 the whole small body or a generator that flushes each chunk as it arrives. The
 exchange's single terminal event fires from that generator's ``finally`` or, for
 anything never streamed, when the WSGI server closes the response.
@@ -11,24 +11,20 @@ anything never streamed, when the WSGI server closes the response.
 from __future__ import annotations
 
 import logging
-import re
 import socket
-import uuid
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import quote, urlsplit
 
 import gevent
 import requests
 from flask import Response, current_app, g, request
 
 from . import identity
-from .errors import error_response, stream_error_event
-from .exchange import CLIENT_ABORTED, COMPLETED, UPSTREAM_ERROR, Exchange
-from .health import UPSTREAM_STATUS
-from .parsers import ResponseParser
-from .providers.base import Provider
+from .errors import error_response
+from .exchange import ErrorKind, Exchange, Outcome
+from .providers import Provider
 from .state import ProxyState, get_state
+from .streams.reader import ResponseReader
 from .upstream import (
     BodyStream,
     RequestBodyError,
@@ -40,106 +36,8 @@ from .upstream import (
 
 log = logging.getLogger("llmproxy.relay")
 
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{8,128}$")
 #: Bodies with a known length up to this size are read whole and sent in one piece.
 SMALL_BODY = 1 << 20
-
-
-def request_id() -> str:
-    incoming = request.headers.get("X-Request-ID")
-    if incoming and _REQUEST_ID_RE.match(incoming):
-        return incoming
-    return uuid.uuid4().hex
-
-
-def raw_target(environ: dict[str, Any]) -> str:
-    """The request target as the client sent it (still percent-encoded), origin-form."""
-    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
-    if not raw:
-        raw = quote(environ.get("PATH_INFO", "/"), safe="/%:@!$&'()*+,;=-._~")
-        if environ.get("QUERY_STRING"):
-            raw += "?" + environ["QUERY_STRING"]
-    if not raw.startswith("/"):  # absolute-form: only its path and query count
-        parts = urlsplit(raw)
-        raw = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-    return str(raw)
-
-
-def _strip_prefix(target: str, segments: int) -> str:
-    """Drop the first ``segments`` path segments (``/openai`` or ``/meta/<u>/openai``)."""
-    pieces = target.split("/", segments + 1)
-    return "/" + pieces[segments + 1] if len(pieces) > segments + 1 else ""
-
-
-def prepare() -> Response | None:
-    """``before_request``: identify a provider call; answer 404/413 for bad ones."""
-    rid = request_id()
-    g.request_id = rid
-    if request.method == "OPTIONS":
-        return None  # CORS preflight: answered by flask-cors, never identified or limited
-    state = get_state(current_app)
-    target = raw_target(request.environ)
-    path_for_log = identity.redact_query(target)
-    provider = state.providers.get(request.blueprint.removesuffix("_meta")) \
-        if request.blueprint and request.endpoint and request.endpoint.endswith(".proxy") \
-        else None
-    if provider is None:
-        g.exchange_any = Exchange(rid, request.method, path_for_log,
-                                  _listeners=tuple(state.listeners[:1]))
-        return None
-    view_args = request.view_args or {}
-    path_user = view_args.get("user_id")
-    segments = 3 if path_user is not None else 1
-    rest = _strip_prefix(target, segments)
-    ex = Exchange(rid, request.method, path_for_log, provider=provider.name,
-                  dialect=provider.dialect, _listeners=tuple(state.listeners))
-    g.exchange_any = ex
-    if target.split("/", segments + 1)[segments] != provider.name:
-        # Routing saw the decoded path; the raw one is forwarded. An encoded prefix
-        # ("/openai%2Fv1/...") would make the two disagree on where <rest> starts.
-        ex.status = 404
-        return error_response(provider.dialect, 404, "Unknown route.", request_id=rid)
-    headers = request.headers
-    ex.api_key = identity.api_key(headers, request.query_string.decode("latin-1"))
-    if ex.api_key:
-        ex.key_fingerprint = identity.fingerprint(ex.api_key)
-    ex.client_ip = identity.client_ip(request.remote_addr, headers.get("X-Forwarded-For"),
-                                      state.settings.trusted_proxies)
-    url = provider.upstream_url(rest)
-    if url is None:
-        ex.status = 404
-        return error_response(provider.dialect, 404, "Unknown or unsafe path.", request_id=rid)
-    ex.upstream_path = rest
-    length = request.content_length
-    settings = state.settings
-    if length is not None and length > settings.max_body_bytes:
-        ex.status = 413
-        ex.error_kind = "too_large"
-        return error_response(provider.dialect, 413, f"Request body larger than "
-                              f"{settings.max_body_bytes} bytes.", request_id=rid)
-    body: bytes | None = None
-    if length and length <= settings.inspect_max_bytes:
-        body = request.get_data(cache=True)
-        if len(body) < length:
-            # gunicorn ends the body at EOF without an error: the client left mid-upload.
-            # Forwarding it would hand the provider a truncated request posing as whole.
-            ex.status = 400
-            ex.error_kind = "client_gone"
-            ex.outcome = CLIENT_ABORTED
-            return error_response(provider.dialect, 400, "Incomplete request body.",
-                                  request_id=rid)
-    ex.request_bytes = length or 0
-    path, _, query = rest.partition("?")
-    info = provider.inspect(request.method, path, query, headers, body)
-    ex.request_info = info
-    ex.model = info.model
-    ex.streaming = info.streaming
-    ex.user, ex.user_source = identity.resolve_user(path_user, headers, info.user, query,
-                                                     ex.client_ip)
-    g.exchange = ex
-    g.upstream_url = url
-    g.body = body
-    return None
 
 
 def proxy_view(rest: str, user_id: str | None = None) -> Response:
@@ -150,33 +48,35 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
     body: Any = g.get("body")  # small bodies were read whole by prepare()
     length = request.content_length
     if body is None and length:
-        body = BodyStream(request.stream, length, state.settings.max_body_bytes)
+        body = BodyStream(request.stream, length, state.settings.server.max_body_bytes)
     elif body is None and "Transfer-Encoding" in request.headers:
         # gunicorn only accepts a Transfer-Encoding that ends in chunked and removes that
         # layer; anything left (gzip, deflate) would reach the provider still coded.
         codings = [c.strip().lower() for c in request.headers["Transfer-Encoding"].split(",")]
         if [c for c in codings if c] != ["chunked"]:
-            return _fail(ex, provider, 501, "transfer_coding",
+            return _fail(ex, provider, 501, ErrorKind.TRANSFER_CODING,
                          "Transfer-Encoding other than chunked is not supported.")
-        body = BodyStream(request.stream, None, state.settings.max_body_bytes)
+        body = BodyStream(request.stream, None, state.settings.server.max_body_bytes)
     headers = request_headers(request.headers.items())
     try:
         resp = _send_watching_client(state, request.method, g.upstream_url, headers, body,
                                      request.environ.get("gunicorn.socket"))
     except _ClientGone:
-        ex.outcome = CLIENT_ABORTED
-        return _fail(ex, provider, 499, "client_gone", "The client closed the connection.")
+        ex.outcome = Outcome.CLIENT_ABORTED
+        return _fail(ex, provider, 499, ErrorKind.CLIENT_GONE,
+                     "The client closed the connection.")
     except RequestBodyError as exc:
-        if exc.kind == "client_gone":
-            ex.outcome = CLIENT_ABORTED
-        return _fail(ex, provider, 413 if exc.kind == "too_large" else 400, exc.kind,
-                     "Request body too large." if exc.kind == "too_large"
+        if exc.kind == ErrorKind.CLIENT_GONE:
+            ex.outcome = Outcome.CLIENT_ABORTED
+        too_large = exc.kind == ErrorKind.TOO_LARGE
+        return _fail(ex, provider, 413 if too_large else 400, exc.kind,
+                     "Request body too large." if too_large
                      else "Could not read the request body.")
     except UpstreamError as exc:
         _count_streamed_upload(ex, body)
         log.debug("upstream %s failed: %s", ex.provider, identity.redact_query(exc.detail))
-        if exc.kind == "timeout":
-            return _fail(ex, provider, 504, "timeout",
+        if exc.kind == ErrorKind.TIMEOUT:
+            return _fail(ex, provider, 504, exc.kind,
                          f"The {provider.name} API did not answer in time.")
         return _fail(ex, provider, 502, exc.kind, f"The {provider.name} API is unreachable.")
     _count_streamed_upload(ex, body)
@@ -244,21 +144,22 @@ def _send_watching_client(state: ProxyState, method: str, url: str, headers: dic
         watcher.close()
 
 
-def _fail(ex: Exchange, provider: Provider, status: int, kind: str, message: str) -> Response:
+def _fail(ex: Exchange, provider: Provider, status: int, kind: ErrorKind,
+          message: str) -> Response:
     ex.status = status
     ex.error_kind = kind
-    if ex.outcome is None:
-        ex.outcome = UPSTREAM_ERROR if kind in ("connect", "timeout") else None
+    if ex.outcome is None and kind in (ErrorKind.CONNECT, ErrorKind.TIMEOUT):
+        ex.outcome = Outcome.UPSTREAM_ERROR
     return error_response(provider.dialect, status, message, request_id=ex.request_id)
 
 
 def _relay(ex: Exchange, provider: Provider, resp: requests.Response, client: Any) -> Response:
     raw_headers = resp.raw.headers
     ctype = raw_headers.get("Content-Type")
-    parser = provider.parser(ex.upstream_path, ctype, raw_headers.get("Content-Encoding"))
+    parser = provider.reader(ex.upstream_path, ctype, raw_headers.get("Content-Encoding"))
     ex.meta = parser.meta
     ex.status = resp.status_code
-    ex.extras[UPSTREAM_STATUS] = resp.status_code
+    ex.upstream_status = resp.status_code
     headers = response_headers(raw_headers)
     sse = bool(ctype and ctype.startswith("text/event-stream"))
     length = raw_headers.get("Content-Length")
@@ -271,7 +172,7 @@ def _relay(ex: Exchange, provider: Provider, resp: requests.Response, client: An
             resp.close()
             log.debug("upstream %s body read failed: %s", ex.provider,
                       identity.redact_query(str(exc)))
-            return _fail(ex, provider, 502, "connect", f"The {provider.name} API "
+            return _fail(ex, provider, 502, ErrorKind.CONNECT, f"The {provider.name} API "
                          "closed the connection before sending the whole response.")
         resp.close()
         parser.feed(data)
@@ -299,12 +200,12 @@ def _relay(ex: Exchange, provider: Provider, resp: requests.Response, client: An
     return out
 
 
-def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: ResponseParser,
+def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: ResponseReader,
             spliceable: bool, client: Any) -> Iterator[bytes]:
     """Relay the body; on an upstream break, end it with an SSE error event when
     ``spliceable``, else by shutting the client connection down (when the server gave us
     its socket)."""
-    outcome = COMPLETED
+    outcome = Outcome.COMPLETED
     try:
         for chunk in Upstream.iter_raw(resp):
             if ex.ttfb is None:
@@ -313,19 +214,19 @@ def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: R
             parser.feed(chunk)
             yield chunk
     except UpstreamError as exc:
-        outcome = UPSTREAM_ERROR
-        ex.error_kind = "midstream"
+        outcome = Outcome.UPSTREAM_ERROR
+        ex.error_kind = ErrorKind.MIDSTREAM
         log.debug("upstream %s stream broke: %s", ex.provider, identity.redact_query(exc.detail))
         if spliceable:
             message = f"The {provider.name} API connection broke in the middle of the response."
-            yield parser.terminator + stream_error_event(provider.dialect, message)
+            yield parser.terminator + provider.dialect.stream_error_event(message)
         elif client is not None:
             try:  # gunicorn's next write then fails quietly (ENOTCONN) and it drops the socket
                 client.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
     except GeneratorExit:
-        outcome = CLIENT_ABORTED
+        outcome = Outcome.CLIENT_ABORTED
         raise
     finally:
         resp.close()

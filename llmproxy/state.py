@@ -1,19 +1,15 @@
-"""Per-app state kept in ``app.extensions``: settings, providers and terminal-event listeners."""
+"""Per-app state kept in ``app.extensions``: settings, providers, the upstream client, listeners."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from flask import Flask
 
 from .config import Settings
 from .exchange import FinishListener
-
-if TYPE_CHECKING:
-    from .health import HealthTracker
-    from .providers.base import Provider
-    from .upstream import Upstream
+from .providers import Provider
+from .upstream import Upstream
 
 EXTENSION_KEY = "llmproxy"
 
@@ -23,11 +19,13 @@ class ProxyState:
     settings: Settings
     providers: dict[str, Provider]
     upstream: Upstream
-    health: HealthTracker
+    #: Terminal-event listeners of provider calls, in order (pricing first).
     listeners: list[FinishListener] = field(default_factory=list)
+    #: Listeners of every other request (/health, /metrics, unknown routes): the access log.
+    other_listeners: list[FinishListener] = field(default_factory=list)
 
     def on_finish(self, listener: FinishListener) -> FinishListener:
-        """Register a terminal-event listener (usable as a decorator)."""
+        """Register a terminal-event listener for provider calls (usable as a decorator)."""
         self.listeners.append(listener)
         return listener
 

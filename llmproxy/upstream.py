@@ -19,7 +19,8 @@ from urllib3.exceptions import HTTPError as Urllib3HTTPError
 from urllib3.exceptions import ReadTimeoutError
 from urllib3.util import SKIP_HEADER
 
-from .readiness import readable_now
+from .exchange import ErrorKind
+from .socketpoll import readable_now
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus those the HTTP client must compute itself.
 HOP_BY_HOP = frozenset({
@@ -35,9 +36,9 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 class UpstreamError(Exception):
     """A provider call that failed without an HTTP response (or in the middle of one)."""
 
-    def __init__(self, kind: str, detail: str) -> None:
+    def __init__(self, kind: ErrorKind, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
-        self.kind = kind  # connect | timeout | midstream | request_body
+        self.kind = kind  # connect | timeout | midstream
         self.detail = detail  # for debug logs only: may hold addresses
 
 
@@ -67,7 +68,7 @@ def response_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
 
 
 class _CheapCheck:
-    """urllib3's connections, checked for a peer close the cheap way (see readiness.py)
+    """urllib3's connections, checked for a peer close the cheap way (see socketpoll.py)
     each time urllib3 takes one from the pool."""
 
     sock: Any
@@ -155,9 +156,9 @@ class Upstream:
         try:
             return self.adapter.send(prep, stream=True, timeout=self.timeout)
         except requests.exceptions.ConnectTimeout as exc:
-            raise UpstreamError("connect", str(exc)) from None
+            raise UpstreamError(ErrorKind.CONNECT, str(exc)) from None
         except requests.exceptions.Timeout as exc:
-            raise UpstreamError("timeout", str(exc)) from None
+            raise UpstreamError(ErrorKind.TIMEOUT, str(exc)) from None
         except RequestBodyError:
             raise
         except requests.exceptions.ConnectionError as exc:
@@ -167,10 +168,10 @@ class Upstream:
             if isinstance(reason, urllib3.exceptions.MaxRetryError):
                 reason = reason.reason
             if isinstance(reason, ReadTimeoutError):
-                raise UpstreamError("timeout", str(exc)) from None
-            raise UpstreamError("connect", str(exc)) from None
+                raise UpstreamError(ErrorKind.TIMEOUT, str(exc)) from None
+            raise UpstreamError(ErrorKind.CONNECT, str(exc)) from None
         except (requests.exceptions.RequestException, Urllib3HTTPError, OSError) as exc:
-            raise UpstreamError("connect", str(exc)) from None
+            raise UpstreamError(ErrorKind.CONNECT, str(exc)) from None
 
     @staticmethod
     def iter_raw(resp: requests.Response) -> Iterator[bytes]:
@@ -184,14 +185,14 @@ class Upstream:
                 yield chunk
         except (TimeoutError, Urllib3HTTPError, OSError, ValueError) as exc:
             # A read timeout mid-stream arrives as a urllib3 error, not requests.Timeout.
-            raise UpstreamError("midstream", str(exc)) from None
+            raise UpstreamError(ErrorKind.MIDSTREAM, str(exc)) from None
 
 
 class RequestBodyError(Exception):
     """Reading the client's request body failed or exceeded the size limit."""
 
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
+    def __init__(self, kind: ErrorKind) -> None:
+        super().__init__(str(kind))
         self.kind = kind  # too_large | client_read | client_gone
 
 
@@ -214,13 +215,13 @@ class BodyStream:
         try:
             data: bytes = self._stream.read(size)
         except Exception as exc:  # client went away or sent a malformed chunked body
-            raise RequestBodyError("client_read") from exc
+            raise RequestBodyError(ErrorKind.CLIENT_READ) from exc
         self.read_bytes += len(data)
         if not data and self.read_bytes < self.len:
             # EOF before Content-Length bytes: gunicorn returns short reads silently.
-            raise RequestBodyError("client_gone")
+            raise RequestBodyError(ErrorKind.CLIENT_GONE)
         if self.read_bytes > self._limit:
-            raise RequestBodyError("too_large")
+            raise RequestBodyError(ErrorKind.TOO_LARGE)
         return data
 
     def __iter__(self) -> Iterator[bytes]:

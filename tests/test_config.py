@@ -24,12 +24,12 @@ def test_overlay_file_and_env_overrides(tmp_path: Path) -> None:
                             "LLMPROXY_OPENAI_BASE_URL": "http://127.0.0.1:9",
                             "LOG_LEVEL": "WARN", "LOG_FORMAT": "json"})
     settings = build_settings(raw)
-    assert settings.read_timeout == 7
-    assert settings.connect_timeout == 10  # untouched by the overlay
+    assert settings.upstream.read_timeout == 7
+    assert settings.upstream.connect_timeout == 10  # untouched by the overlay
     assert settings.providers["openai"].base_url == "http://127.0.0.1:9"
     assert settings.providers["together"].dialect == "openai"
     assert settings.providers["groq"].base_url == "https://api.groq.com/openai"
-    assert (settings.log_level, settings.log_format) == ("warning", "json")
+    assert (settings.logging.level, settings.logging.format) == ("warning", "json")
 
 
 def test_a_provider_can_be_removed_by_an_overlay() -> None:

@@ -1,22 +1,19 @@
-"""Provider registry: a dialect name to the class that speaks it."""
+"""Provider routes and the wire formats (dialects) they speak.
+
+Adding a wire format means adding one module here with a :class:`Dialect` subclass and
+naming it in :data:`DIALECTS`; see docs/architecture.md.
+"""
 
 from __future__ import annotations
 
-from ..config import ProviderSettings
-from .anthropic import AnthropicProvider
-from .base import Provider
-from .gemini import GeminiProvider
-from .openai import OpenAIProvider
+from . import anthropic, gemini, openai
+from .base import Dialect, Provider, response_reader
 
-DIALECTS: dict[str, type[Provider]] = {
-    "openai": OpenAIProvider,
-    "anthropic": AnthropicProvider,
-    "gemini": GeminiProvider,
+#: Dialect name (the ``dialect:`` of a provider in the config) -> the dialect.
+DIALECTS: dict[str, Dialect] = {
+    d.name: d for d in (openai.DIALECT, anthropic.DIALECT, gemini.DIALECT)
 }
+#: The error shape for requests that name no provider (OpenAI's is the most widely parsed).
+DEFAULT_DIALECT = openai.DIALECT
 
-
-def build(settings: ProviderSettings) -> Provider:
-    return DIALECTS[settings.dialect](settings)
-
-
-__all__ = ["DIALECTS", "Provider", "build"]
+__all__ = ["DEFAULT_DIALECT", "DIALECTS", "Dialect", "Provider", "response_reader"]

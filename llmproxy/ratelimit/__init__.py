@@ -1,10 +1,9 @@
 """Rate limiting per key, user, model, provider and globally, in memory or in Redis.
 
-``init_app(app, raw_config)`` validates ``features.rate_limiting`` and, when enabled, hooks
-three things into the app: a ``before_request`` check that reserves the request's estimated
-cost (or answers 429), an ``after_request`` hook adding ``RateLimit-Policy``/``RateLimit``
-headers, and a terminal-event listener replacing the reservation with real usage. The
-algorithm and every setting are described under "Rate limiting" in README.md.
+:class:`RateLimit` hooks three things into the app: a ``before_request`` check that reserves
+the request's estimated cost (or answers 429), an ``after_request`` hook adding
+``RateLimit-Policy``/``RateLimit`` headers, and a terminal-event listener replacing the
+reservation with real usage. The algorithm is described in docs/rate-limiting.md.
 """
 
 from __future__ import annotations
@@ -19,16 +18,19 @@ from typing import Any
 
 from flask import Flask, Response, g
 
-from llmproxy.errors import error_response
-from llmproxy.exchange import Exchange, FinishListener
-
-from . import events
-from .config import RateLimitSettings, parse
+from ..config import RateLimitSettings
+from ..errors import error_response
+from ..exchange import ErrorKind, Exchange, FinishListener
 from .memory import MemoryStore
 from .policy import Denial, Limiter, Reservation
 from .store import Store, StoreError
 
-__all__ = ["RateLimit", "events", "get_ratelimit", "init_app", "memory_worker_warning", "parse"]
+__all__ = ["RateLimit", "build_store", "get_ratelimit", "memory_worker_warning"]
+
+#: ``on_denied(scope_kind, metric, window)``: scope_kind is global|provider|model|key|user.
+DeniedListener = Callable[[str, str, str], None]
+#: ``on_backend_error(operation, action)``: reserve|reconcile; open|closed|none.
+BackendErrorListener = Callable[[str, str], None]
 
 log = logging.getLogger("llmproxy.ratelimit")
 EXTENSION_KEY = "llmproxy.ratelimit"
@@ -85,14 +87,24 @@ class _Throttled:
 class RateLimit:
     """The Flask side: check before the request, headers after it, reconcile at the end."""
 
-    def __init__(self, settings: RateLimitSettings, store: Store | None = None) -> None:
+    def __init__(self, settings: RateLimitSettings, store: Store | None = None, *,
+                 on_denied: DeniedListener | None = None,
+                 on_backend_error: BackendErrorListener | None = None) -> None:
         self.settings = settings
+        self._on_denied = on_denied
+        self._on_backend_error = on_backend_error
         self._warn_reserve = _Throttled()
         self._warn_reconcile = _Throttled()
         self.store = store if store is not None else build_store(settings, self.reconcile_lost)
         self.limiter = Limiter(settings, self.store)
 
     def install(self, app: Flask, on_finish: Callable[[FinishListener], Any]) -> None:
+        """Hook the check, the headers and the terminal-event listener into ``app``."""
+        warning = memory_worker_warning(self.settings)
+        if warning:
+            log.warning(warning)
+        log.info("rate limiting enabled: backend=%s count_tokens=%s", self.settings.backend,
+                 self.settings.count_tokens)
         app.extensions[EXTENSION_KEY] = self
         app.before_request(self.check)
         app.after_request(self.add_headers)
@@ -112,15 +124,15 @@ class RateLimit:
             return None
         if isinstance(result, Denial):
             return self._deny(ex, result)
-        ex.extras["ratelimit"] = result
-        events.allowed()
+        ex.reservation = result
         return None
 
     def _deny(self, ex: Exchange, denial: Denial) -> Response:
         check = denial.check
-        events.denied(check.scope.kind, check.metric, check.window)
-        ex.error_kind = "rate_limited"
-        ex.extras["ratelimit_denial"] = denial
+        if self._on_denied is not None:
+            self._on_denied(check.scope.kind, check.metric, check.window)
+        ex.error_kind = ErrorKind.RATE_LIMITED
+        ex.denial = denial
         wait = denial.retry_after_seconds
         headers = {
             "Retry-After": str(wait),
@@ -139,12 +151,12 @@ class RateLimit:
 
     def _backend_failed(self, ex: Exchange, exc: StoreError) -> Response | None:
         action = self.settings.redis.on_error
-        events.backend_error("reserve", action)
+        self._backend_error("reserve", action)
         self._warn_reserve.warn("rate-limit backend unavailable (%s): requests are %s",
                                 exc, "let through" if action == "open" else "refused (503)")
         if action == "open":
             return None
-        ex.error_kind = "ratelimit_unavailable"
+        ex.error_kind = ErrorKind.RATELIMIT_UNAVAILABLE
         return error_response(ex.dialect, 503, "Rate limiter unavailable; try again shortly.",
                               request_id=ex.request_id, headers={"Retry-After": "1"})
 
@@ -152,7 +164,7 @@ class RateLimit:
     def add_headers(self, response: Response) -> Response:
         """IETF draft ``RateLimit-Policy``/``RateLimit`` for the tightest scope."""
         ex: Exchange | None = g.get("exchange")
-        res = ex.extras.get("ratelimit") if ex is not None else None
+        res = ex.reservation if ex is not None else None
         if not isinstance(res, Reservation) or res.tightest is None:
             return response
         # An upstream that sends these itself keeps its own values.
@@ -168,7 +180,7 @@ class RateLimit:
     # -- terminal event -------------------------------------------------------------------
     def finished(self, ex: Exchange) -> None:
         """Replace the reservation with the real usage (or refund it)."""
-        res = ex.extras.get("ratelimit")
+        res = ex.reservation
         if not isinstance(res, Reservation):
             return
         try:
@@ -178,33 +190,28 @@ class RateLimit:
 
     def reconcile_lost(self, exc: StoreError) -> None:
         """A correction could not reach the backend: count it, warn (throttled), go on."""
-        events.backend_error("reconcile", "none")
+        self._backend_error("reconcile", "none")
         self._warn_reconcile.warn("rate-limit reconciliation skipped, backend "
                                   "unavailable (%s)", exc)
+
+
+    def _backend_error(self, operation: str, action: str) -> None:
+        if self._on_backend_error is not None:
+            self._on_backend_error(operation, action)
+
+    def readiness(self) -> dict[str, Any]:
+        """The ``ratelimit_backend`` readiness check: does the store answer now?"""
+        backend = self.settings.backend
+        started = time.monotonic()
+        try:
+            self.store.ping()
+        except StoreError as exc:
+            return {"ok": False, "backend": backend, "error": str(exc)}
+        return {"ok": True, "backend": backend,
+                "latency_ms": round((time.monotonic() - started) * 1000, 1)}
 
 
 def get_ratelimit(app: Flask) -> RateLimit | None:
     """The app's rate limiter, if enabled."""
     ext = app.extensions.get(EXTENSION_KEY)
     return ext if isinstance(ext, RateLimit) else None
-
-
-def init_app(app: Flask, raw_config: Mapping[str, Any], *, store: Store | None = None,
-             environ: Mapping[str, str] | None = None) -> RateLimit | None:
-    """Validate the config and, when enabled, hook the limiter into ``app``.
-
-    Raises :class:`llmproxy.config.ConfigError` for an invalid ``features.rate_limiting``.
-    """
-    settings = parse(raw_config, environ)
-    if not settings.enabled:
-        return None
-    warning = memory_worker_warning(settings, environ)
-    if warning:
-        log.warning(warning)
-    from llmproxy.state import get_state
-
-    limiter = RateLimit(settings, store)
-    limiter.install(app, get_state(app).on_finish)
-    log.info("rate limiting enabled: backend=%s count_tokens=%s", settings.backend,
-             settings.count_tokens)
-    return limiter

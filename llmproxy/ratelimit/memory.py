@@ -139,6 +139,9 @@ class MemoryStore:
                     counter.add(current, adj.delta)
                     self._store(table, adj.key, counter, newest=True)
 
+    def ping(self) -> None:
+        """Always answers: it is this process's memory."""
+
     def close(self) -> None:
         with self._lock:
             self._tables.clear()

@@ -12,10 +12,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from llmproxy.exchange import CLIENT_ABORTED, Exchange
-from llmproxy.usage import Usage
-
-from .config import RateLimitSettings
+from ..config import RateLimitSettings
+from ..exchange import Exchange, Outcome, Usage
 from .store import Adjustment, CounterSpec, CounterState, Store
 
 # (name, seconds, bucket granularity in seconds). One-second buckets make Retry-After exact to
@@ -53,7 +51,7 @@ class Check:
 
 @dataclass(slots=True)
 class Reservation:
-    """What one admitted request charged, kept in ``Exchange.extras["ratelimit"]``."""
+    """What one admitted request charged, kept in ``Exchange.reservation``."""
 
     checks: list[Check]
     buckets: dict[str, int]
@@ -219,7 +217,7 @@ class Limiter:
         token_delta = 0
         if actual is not None:
             token_delta = actual - res.tokens
-        elif ex.outcome == CLIENT_ABORTED and (status is None or status < 400):
+        elif ex.outcome == Outcome.CLIENT_ABORTED and (status is None or status < 400):
             pass  # no usage seen before the client left: the estimate stands
         elif status is None or status >= 500:
             # nothing came back from the provider (connect failure, timeout, 5xx): refund all

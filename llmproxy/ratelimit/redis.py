@@ -21,8 +21,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from llmproxy.readiness import readable_now
-
+from ..socketpoll import readable_now
 from .store import Adjustment, CounterSpec, CounterState, Decision, StoreError
 
 HASH_TAG = "{rl}"
@@ -38,7 +37,7 @@ def _script_text(name: str) -> str:
 class _CheapCheck:
     """redis-py's pool asks ``can_read()`` of every connection it hands out (leftover data
     means a reply was not consumed; EOF means the server closed it). When the socket has
-    nothing waiting — the usual case — say so with a real zero-timeout poll (readiness.py)
+    nothing waiting — the usual case — say so with a real zero-timeout poll (socketpoll.py)
     instead of gevent's; anything else gets redis-py's own, thorough check."""
 
     _sock: Any
@@ -134,6 +133,12 @@ class RedisStore:
             return script(keys=keys, args=args)
         except redis.RedisError as exc:
             # Only the exception class: a message may echo the URL with its password.
+            raise StoreError(type(exc).__name__) from None
+
+    def ping(self) -> None:
+        try:
+            self.client.ping()
+        except redis.RedisError as exc:  # the message may name the URL (a password): not kept
             raise StoreError(type(exc).__name__) from None
 
     def reserve(self, specs: Sequence[CounterSpec]) -> Decision:

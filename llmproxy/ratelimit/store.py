@@ -83,6 +83,9 @@ class Store(Protocol):
     def adjust(self, adjustments: Sequence[Adjustment]) -> None:
         """Apply reconciliation deltas (negative = refund)."""
 
+    def ping(self) -> None:
+        """Raise :class:`StoreError` unless the store answers now (readiness)."""
+
     def close(self) -> None:
         """Release connections."""
 

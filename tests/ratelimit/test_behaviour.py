@@ -13,7 +13,8 @@ from flask.testing import FlaskClient
 
 from llmproxy.config import ConfigError
 from llmproxy.identity import fingerprint
-from llmproxy.ratelimit import events, get_ratelimit
+from llmproxy.observe import metrics
+from llmproxy.ratelimit import get_ratelimit
 from llmproxy.ratelimit.redis import RedisStore
 
 from .conftest import FakeClock, RedisServer
@@ -229,19 +230,15 @@ def test_optimistic_first_request(limited_app: AppFactory) -> None:
     assert resp.headers["X-RateLimit-Metric"] == "tokens"
 
 
-def test_denials_reach_the_metrics_hooks(limited_app: AppFactory) -> None:
-    seen: list[tuple[str, str, str]] = []
-    listener = events.on_denied(lambda *args: seen.append(args))
-    try:
-        app = limited_app(scope_limits={"user": {"requests_per_day": 1}})
-        client = app.test_client()
-        before = events.counts().get("denied", 0)
-        assert call(client).status_code == 200
-        assert call(client).status_code == 429
-        assert seen == [("user", "requests", "day")]
-        assert events.counts()["denied"] == before + 1
-    finally:
-        events.remove(listener)
+def test_denials_reach_the_metrics_hooks(limited_app: AppFactory,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[str, ...]] = []
+    monkeypatch.setattr(metrics, "record_ratelimit_denial", lambda *args: seen.append(args))
+    app = limited_app(scope_limits={"user": {"requests_per_day": 1}})
+    client = app.test_client()
+    assert call(client).status_code == 200
+    assert call(client).status_code == 429
+    assert seen == [("user", "requests", "day")]
 
 
 # -- Redis only -----------------------------------------------------------------------------
@@ -266,19 +263,22 @@ def test_redis_holds_fingerprints_never_keys(make_app: Callable[..., Flask],
 
 @pytest.mark.redis
 def test_redis_down_open_lets_through_then_enforces_again(
-        make_app: Callable[..., Flask], redis_server: RedisServer) -> None:
+        make_app: Callable[..., Flask], redis_server: RedisServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    failures: list[tuple[str, ...]] = []
+    monkeypatch.setattr(metrics, "record_ratelimit_backend_error",
+                        lambda *args: failures.append(args))
     app = redis_app(make_app, redis_server, limits={"requests_per_minute": 1},
                     redis={"on_error": "open"})
     client = app.test_client()
     assert call(client).status_code == 200
     assert call(client).status_code == 429
     redis_server.kill()
-    before = events.counts().get("failed_open", 0)
     for _ in range(3):
         resp = call(client)
         assert resp.status_code == 200
         assert "RateLimit" not in resp.headers  # nothing was reserved
-    assert events.counts()["failed_open"] == before + 3
+    assert failures == [("reserve", "open")] * 3
     redis_server.start()  # empty: the old counts are gone with the crashed server
     assert call(client).status_code == 200
     assert call(client).status_code == 429

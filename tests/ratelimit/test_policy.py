@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 
-from llmproxy.exchange import CLIENT_ABORTED, COMPLETED, UPSTREAM_ERROR, Exchange
+from llmproxy.config import Limits
+from llmproxy.config import parse_ratelimit as parse
+from llmproxy.exchange import Exchange, Outcome, RequestInfo, Usage
 from llmproxy.identity import fingerprint
 from llmproxy.ratelimit import memory_worker_warning
-from llmproxy.ratelimit.config import Limits, parse
 from llmproxy.ratelimit.memory import MemoryStore
 from llmproxy.ratelimit.policy import (
     Limiter,
@@ -19,8 +20,6 @@ from llmproxy.ratelimit.policy import (
     safe_id,
     scopes_for,
 )
-from llmproxy.request_info import RequestInfo
-from llmproxy.usage import Usage
 
 from .conftest import FakeClock
 
@@ -98,14 +97,14 @@ def reserve(limiter: Limiter, ex: Exchange) -> Reservation:
 
 
 @pytest.mark.parametrize(("outcome", "status", "usage", "requests_delta", "tokens_delta"), [
-    (COMPLETED, 200, Usage(input_tokens=50, output_tokens=10, total_tokens=60), 0, 60 - 20),
-    (CLIENT_ABORTED, 200, Usage(input_tokens=50), 0, 50 - 20),  # what it consumed
-    (CLIENT_ABORTED, 200, Usage(), 0, 0),  # nothing seen: the estimate stands
-    (COMPLETED, 200, Usage(), 0, 0),
-    (UPSTREAM_ERROR, 502, Usage(), -1, -20),  # unreachable: all refunded
-    (COMPLETED, 503, Usage(), -1, -20),
-    (COMPLETED, 400, Usage(), 0, -20),  # answered, consumed no tokens
-    (UPSTREAM_ERROR, 200, Usage(input_tokens=50, output_tokens=3, total_tokens=53), 0, 33),
+    (Outcome.COMPLETED, 200, Usage(input_tokens=50, output_tokens=10, total_tokens=60), 0, 60 - 20),
+    (Outcome.CLIENT_ABORTED, 200, Usage(input_tokens=50), 0, 50 - 20),  # what it consumed
+    (Outcome.CLIENT_ABORTED, 200, Usage(), 0, 0),  # nothing seen: the estimate stands
+    (Outcome.COMPLETED, 200, Usage(), 0, 0),
+    (Outcome.UPSTREAM_ERROR, 502, Usage(), -1, -20),  # unreachable: all refunded
+    (Outcome.COMPLETED, 503, Usage(), -1, -20),
+    (Outcome.COMPLETED, 400, Usage(), 0, -20),  # answered, consumed no tokens
+    (Outcome.UPSTREAM_ERROR, 200, Usage(input_tokens=50, output_tokens=3, total_tokens=53), 0, 33),
 ])
 def test_reconciliation_rules(outcome: str, status: int, usage: Usage, requests_delta: int,
                               tokens_delta: int) -> None:

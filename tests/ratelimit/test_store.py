@@ -327,19 +327,20 @@ def test_redis_deferred_corrections_lost_with_redis_are_reported() -> None:
 
 
 def test_lost_corrections_count_as_backend_errors() -> None:
-    from llmproxy.ratelimit import RateLimit, events, parse
+    from llmproxy.config import parse_ratelimit
+    from llmproxy.ratelimit import RateLimit
 
     with socket_closed_port() as port:
-        settings = parse({"features": {"rate_limiting": {
+        settings = parse_ratelimit({"features": {"rate_limiting": {
             "enabled": True, "backend": "redis",
             "redis": {"url": f"redis://127.0.0.1:{port}/0", "timeout_ms": 50,
-                      "reconcile_delay_ms": 10_000}}}})
-        limiter = RateLimit(settings)
+                      "reconcile_delay_ms": 10_000}}}}, {})
+        errors: list[tuple[str, str]] = []
+        limiter = RateLimit(settings, on_backend_error=lambda *args: errors.append(args))
         assert isinstance(limiter.store, RedisStore)
-        before = events.counts().get("backend_errors", 0)
         limiter.store.adjust([Adjustment("k:requests:minute", 1, -1, 60, 1)])
         limiter.store.flush()
-        assert events.counts()["backend_errors"] == before + 1
+        assert errors == [("reconcile", "none")]
         limiter.store.close()
 
 

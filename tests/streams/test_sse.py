@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from llmproxy.sse import SSEDecoder
+from llmproxy.streams.sse import SSEDecoder
 
-STREAMS = Path(__file__).parent / "fixtures" / "streams"
+STREAMS = Path(__file__).parents[1] / "fixtures" / "streams"
 SSE_FIXTURES = sorted(p.name for p in STREAMS.glob("*.sse"))
 
 

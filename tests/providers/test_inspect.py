@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from llmproxy.request_info import RequestInfo, inspect_request
+from llmproxy.exchange import RequestInfo
+from llmproxy.providers import DIALECTS
+
+
+def inspect_request(dialect: str, method: str, path: str, query: str,
+                    headers: dict[str, str], body: bytes | None) -> RequestInfo:
+    return DIALECTS.get(dialect, DIALECTS["openai"]).inspect(method, path, query, headers, body)
 
 
 def inspect(

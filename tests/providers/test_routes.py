@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from llmproxy.config import ProviderSettings
-from llmproxy.providers.openai import OpenAIProvider
+from llmproxy.providers import DIALECTS, Provider
 
-GROQ = OpenAIProvider(ProviderSettings("groq", "https://api.groq.example/openai", "openai",
-                                       "https", "api.groq.example"))
+GROQ = Provider("groq", "https://api.groq.example/openai", DIALECTS["openai"])
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from conftest import ProxyProcess, new_request_id
 from fake_upstream import FakeUpstream
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from observability.helpers import parse_scrape, scrape_sum
+from observe.helpers import parse_scrape, scrape_sum
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from llmproxy.logs import JSONFormatter, TextFormatter, scrub
+from llmproxy.observe.logs import JSONFormatter, TextFormatter, scrub
 
 SECRETS = ["sk-proj-abcdef1234567890", "sk-ant-api03-abcdefgh12345678", "AIzaSyA1234567890abcdef"]
 
@@ -97,6 +97,6 @@ def test_scrub_leaves_a_clean_line_alone() -> None:
     ("\x7f", '"\\u007f"'),
 ])
 def test_text_values_that_could_break_the_line_are_quoted(value: object, written: str) -> None:
-    from llmproxy.logs import _text_value
+    from llmproxy.observe.logs import _text_value
 
     assert _text_value(value) == written

@@ -6,12 +6,11 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from .exchange import Exchange
-from .identity import CREDENTIAL_PARAM_RE
-from .pricing import PricingTable, exchange_cost
+from ..exchange import Exchange
+from ..identity import CREDENTIAL_PARAM_RE
+from .records import record_of
 
 ACCESS_LOGGER = "llmproxy.access"
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -109,46 +108,10 @@ def configure(level: str, fmt: str) -> None:
                 other.formatter._fmt if other.formatter else None))  # noqa: SLF001
 
 
-def record_of(ex: Exchange) -> dict[str, Any]:
-    """The request's log record: what was called, by whom, how it ended, what it used."""
-    usage = ex.meta.usage
-    return {
-        "request_id": ex.request_id,
-        "method": ex.method,
-        "path": ex.path,
-        "provider": ex.provider,
-        "model": ex.model,
-        "status": ex.status,
-        "streaming": ex.streaming,
-        "duration_ms": round((ex.duration or 0.0) * 1000, 2),
-        "ttfb_ms": round(ex.ttfb * 1000, 2) if ex.ttfb is not None else None,
-        "input_tokens": usage.input_tokens,
-        "output_tokens": usage.output_tokens,
-        "total_tokens": usage.total_tokens,
-        "cached_tokens": usage.cached_tokens,
-        "reasoning_tokens": usage.reasoning_tokens,
-        "finish_reason": ex.meta.finish_reason,
-        "outcome": ex.outcome,
-        "error_kind": ex.error_kind,
-        "user": ex.user,
-        "key_fingerprint": ex.key_fingerprint,
-        "request_bytes": ex.request_bytes,
-        "response_bytes": ex.response_bytes,
-        "upstream_request_id": ex.meta.response_id,
-        "cost_usd": ex.extras.get("cost_usd"),
-    }
-
-
-def exchange_logger(pricing: PricingTable) -> Callable[[Exchange], None]:
-    """The terminal-event listener that writes exactly one access record per request."""
-
-    def log_exchange(ex: Exchange) -> None:
-        # Liveness probes and scrapes arrive every few seconds: keep them out of INFO.
-        quiet = ex.provider is None and ex.path.startswith(_QUIET_PATHS) and ex.status == 200
-        level = logging.DEBUG if quiet else logging.INFO
-        if ex.provider is not None:
-            exchange_cost(pricing, ex)  # stored on the exchange; metrics reuse the figure
-        if access_log.isEnabledFor(level):
-            access_log.log(level, "request completed", extra={"fields": record_of(ex)})
-
-    return log_exchange
+def log_exchange(ex: Exchange) -> None:
+    """Terminal-event listener: exactly one access record per request."""
+    # Liveness probes and scrapes arrive every few seconds: keep them out of INFO.
+    quiet = ex.provider is None and ex.path.startswith(_QUIET_PATHS) and ex.status == 200
+    level = logging.DEBUG if quiet else logging.INFO
+    if access_log.isEnabledFor(level):
+        access_log.log(level, "request completed", extra={"fields": record_of(ex)})

@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from llmproxy.exchange import Exchange
-from llmproxy.records import UsageRecordSink, usage_record
-from llmproxy.usage import ResponseMeta, Usage
+from llmproxy.exchange import Exchange, ResponseMeta, Usage
+from llmproxy.observe.records import UsageRecordSink, record_of
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
@@ -37,7 +36,8 @@ def test_record_carries_the_terminal_event_without_secrets() -> None:
                            usage=Usage(input_tokens=10, output_tokens=4, reasoning_tokens=2,
                                        total_tokens=16))
     ex.finish()
-    rec = usage_record(ex, 0.00125)
+    ex.cost_usd = 0.00125
+    rec = record_of(ex)
     assert rec["request_id"] == "rid-1"
     assert rec["user"] == "alice" and rec["key_fingerprint"] == "fp_abc"
     assert (rec["provider"], rec["model"], rec["outcome"]) == ("gemini", "gemini-2.5-flash",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import sys
 import tracemalloc
 import zlib
 from collections.abc import Iterable
@@ -13,10 +14,12 @@ from typing import Any
 
 import pytest
 
-from llmproxy import parsers
-from llmproxy.parsers import ResponseParser, make_parser
+from llmproxy.exchange import ResponseMeta
+from llmproxy.providers import DIALECTS, anthropic, base, response_reader
+from llmproxy.streams import reader
+from llmproxy.streams.reader import ResponseReader
 
-STREAMS = Path(__file__).parent / "fixtures" / "streams"
+STREAMS = Path(__file__).parents[1] / "fixtures" / "streams"
 SSE = "text/event-stream; charset=utf-8"
 JSON = "application/json; charset=UTF-8"
 
@@ -94,6 +97,22 @@ FOR_EACH_FIXTURE = pytest.mark.parametrize(
 )
 
 
+def make_parser(dialect: str, path: str, ctype: str | None,
+                encoding: str | None) -> ResponseReader:
+    return response_reader(DIALECTS.get(dialect, DIALECTS["openai"]), path, ctype, encoding)
+
+
+def flat(meta: ResponseMeta) -> dict[str, Any]:
+    """The meta as one flat dict, the way the tests state expectations."""
+    u = meta.usage
+    return {"model": meta.model, "response_id": meta.response_id,
+            "finish_reason": meta.finish_reason, "upstream_error": meta.error,
+            "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+            "total_tokens": u.total_tokens, "cached_tokens": u.cached_tokens,
+            "reasoning_tokens": u.reasoning_tokens,
+            "cache_creation_tokens": u.cache_creation_tokens}
+
+
 def parse(
     dialect: str,
     path: str,
@@ -105,7 +124,7 @@ def parse(
     for chunk in chunks:
         parser.feed(chunk)
     parser.close()
-    return parser.meta.as_dict()
+    return flat(parser.meta)
 
 
 def line_variant(data: bytes, eol: bytes) -> bytes:
@@ -441,7 +460,7 @@ def test_framing_follows_content_type() -> None:
     parser = make_parser("openai", "/v1/audio/speech", "audio/mpeg", None)
     parser.feed(b"\xff\xfb" * 1000)
     parser.close()
-    assert parser.meta.as_dict() == parse("openai", "/", "audio/mpeg", [])
+    assert flat(parser.meta) == parse("openai", "/", "audio/mpeg", [])
 
 
 def test_unsupported_encoding_is_passed_unparsed() -> None:
@@ -466,13 +485,14 @@ def test_at_boundary() -> None:
 
 def test_prefilter_skips_text_deltas(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
-    real = parsers._loads
+    real = base.loads
 
     def counting(data: bytes) -> Any:
         calls.append(data)
         return real(data)
 
-    monkeypatch.setattr(parsers, "_loads", counting)
+    for module in ("openai", "anthropic"):
+        monkeypatch.setattr(sys.modules[f"llmproxy.providers.{module}"], "loads", counting)
     stream = _chat_stream(50)
     meta = parse("openai", "/v1/chat/completions", SSE, stream)
     assert meta["output_tokens"] == 50 and meta["model"] == "gpt-4o-mini"
@@ -528,7 +548,7 @@ def test_huge_sse_event_is_dropped_and_memory_stays_bounded() -> None:
 def test_json_body_over_cap_is_not_held() -> None:
     parser = make_parser("openai", "/v1/embeddings", JSON, None)
     parser.feed(b'{"data": [')
-    for _ in range(parsers.MAX_JSON_BODY // 65536 + 2):
+    for _ in range(reader.MAX_JSON_BODY // 65536 + 2):
         parser.feed(b"0.123456789," * 5461)
     parser.feed(b'0], "usage": {"prompt_tokens": 1, "total_tokens": 1}}')
     parser.close()
@@ -592,7 +612,7 @@ def test_feed_after_internal_failure_is_a_no_op(monkeypatch: pytest.MonkeyPatch)
     def boom(self: object, name: str, data: bytes) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(parsers._Anthropic, "event", boom)
+    monkeypatch.setattr(anthropic.AnthropicUsage, "event", boom)
     parser.feed(b"event: message_start\ndata: {}\n\n")  # must not raise
     parser.feed(b"data: more\n\n")
     parser.close()
@@ -602,7 +622,7 @@ def test_feed_after_internal_failure_is_a_no_op(monkeypatch: pytest.MonkeyPatch)
 
 def test_make_parser_survives_bad_arguments() -> None:
     parser = make_parser("openai", None, None, None)  # type: ignore[arg-type]
-    assert isinstance(parser, ResponseParser)
+    assert isinstance(parser, ResponseReader)
     parser.feed(b"{}")
     parser.close()
 

@@ -12,6 +12,7 @@ reopens it before writing, so no line is lost or written into a rotated-away fil
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import logging
@@ -25,7 +26,10 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
-from .exchange import Exchange
+from flask import Flask
+
+from ..config import UsageRecordSettings
+from ..exchange import Exchange
 
 log = logging.getLogger(__name__)
 
@@ -42,36 +46,40 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
-def usage_record(ex: Exchange, cost: float | None) -> dict[str, Any]:
-    """The JSON record of a finished exchange (never the raw API key or request bodies)."""
+def record_of(ex: Exchange) -> dict[str, Any]:
+    """The one record of a finished exchange, written to the access log and the usage file:
+    what was called, by whom, how it ended, what it used (never a key or a request body)."""
     usage = ex.meta.usage
     return {
         "ts": _iso(ex.started_wall + (ex.duration or 0.0)),
         "started_at": _iso(ex.started_wall),
         "request_id": ex.request_id,
-        "user": ex.user,
-        "user_source": ex.user_source,
-        "key_fingerprint": ex.key_fingerprint,
+        "method": ex.method,
+        "path": ex.path,
         "provider": ex.provider,
         "dialect": ex.dialect,
         "model": ex.model,
         "response_model": ex.meta.model,
-        "method": ex.method,
-        "path": ex.path,
-        "streaming": ex.streaming,
         "status": ex.status,
         "outcome": ex.outcome,
         "error_kind": ex.error_kind,
-        "finish_reason": ex.meta.finish_reason,
+        "streaming": ex.streaming,
         "duration_ms": _ms(ex.duration),
         "ttfb_ms": _ms(ex.ttfb),
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
         "cached_tokens": usage.cached_tokens,
         "cache_creation_tokens": usage.cache_creation_tokens,
         "reasoning_tokens": usage.reasoning_tokens,
-        "total_tokens": usage.total_tokens,
-        "cost_usd": cost,
+        "finish_reason": ex.meta.finish_reason,
+        "user": ex.user,
+        "user_source": ex.user_source,
+        "key_fingerprint": ex.key_fingerprint,
+        "request_bytes": ex.request_bytes,
+        "response_bytes": ex.response_bytes,
+        "upstream_request_id": ex.meta.response_id,
+        "cost_usd": ex.cost_usd,
     }
 
 
@@ -164,6 +172,11 @@ class UsageRecordSink:
         self._listener.start()
         self._closed = False
 
+    def on_finish(self, ex: Exchange) -> None:
+        """Terminal-event listener: queue the exchange's record."""
+        if ex.provider is not None:
+            self.write(record_of(ex))
+
     def write(self, record: dict[str, Any]) -> bool:
         """Queue one record; ``False`` when it was dropped (queue full or sink closed)."""
         if self._closed:
@@ -202,3 +215,27 @@ class UsageRecordSink:
         if now - self._last_error_log >= _ERROR_LOG_INTERVAL or not self._last_error_log:
             self._last_error_log = now
             log.error(message, *args)
+
+
+EXTENSION_KEY = "llmproxy.records"
+
+
+def get_sink(app: Flask) -> UsageRecordSink | None:
+    """The app's usage-record sink, when usage records are enabled."""
+    sink: UsageRecordSink | None = app.extensions.get(EXTENSION_KEY)
+    return sink
+
+
+def open_sink(app: Flask, settings: UsageRecordSettings,
+              on_drop: Callable[[str], None] | None = None) -> UsageRecordSink:
+    """The configured sink for ``app``, flushed at worker exit; its directory is created."""
+    path = settings.path
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as exc:  # the sink logs each failed write; start anyway
+        log.error("usage records: cannot create the directory of %s: %s", path, exc)
+    sink = UsageRecordSink(path, settings.max_bytes, settings.backups, on_drop=on_drop)
+    # Worker exit (SIGTERM, after in-flight streams finished): write what is still queued.
+    atexit.register(sink.close)
+    app.extensions[EXTENSION_KEY] = sink
+    return sink

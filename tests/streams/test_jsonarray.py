@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from llmproxy.jsonarray import JSONArraySplitter
+from llmproxy.streams.jsonarray import JSONArraySplitter
 
-STREAMS = Path(__file__).parent / "fixtures" / "streams"
+STREAMS = Path(__file__).parents[1] / "fixtures" / "streams"
 
 
 def split(*chunks: bytes, **kwargs: int) -> list[bytes]:

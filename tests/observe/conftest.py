@@ -40,9 +40,9 @@ def delta() -> Callable[..., Callable[[], float]]:
 
 @pytest.fixture
 def records_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """caplog for ``llmproxy.records``, attached to it directly: once an app is built the
+    """caplog for ``llmproxy.observe.records``, attached to it directly: once an app is built the
     ``llmproxy`` logger no longer propagates to the root logger caplog listens on."""
-    logger = logging.getLogger("llmproxy.records")
+    logger = logging.getLogger("llmproxy.observe.records")
     level, propagate = logger.level, logger.propagate
     logger.addHandler(caplog.handler)
     logger.setLevel(logging.ERROR)

@@ -1,0 +1,125 @@
+"""Inbound: who is calling what. Runs as the first ``before_request`` hook.
+
+For a provider route it builds the request's :class:`~llmproxy.exchange.Exchange`: request
+id, the raw target (what is forwarded), the provider, size checks, the credential, the
+client IP, what the dialect reads off the body (model, streaming, user, prompt size) and the
+user id. Bad requests are answered here (404, 413, 400) before anything is forwarded; the
+rate limiter and the relay then work from ``flask.g.exchange``.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from flask import Response, current_app, g, request
+
+from . import identity
+from .errors import error_response
+from .exchange import ErrorKind, Exchange, Outcome
+from .state import get_state
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{8,128}$")
+
+
+def request_id() -> str:
+    incoming = request.headers.get("X-Request-ID")
+    if incoming and _REQUEST_ID_RE.match(incoming):
+        return incoming
+    return uuid.uuid4().hex
+
+
+def raw_target(environ: dict[str, Any]) -> str:
+    """The request target as the client sent it (still percent-encoded), origin-form."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if not raw:
+        raw = quote(environ.get("PATH_INFO", "/"), safe="/%:@!$&'()*+,;=-._~")
+        if environ.get("QUERY_STRING"):
+            raw += "?" + environ["QUERY_STRING"]
+    if not raw.startswith("/"):  # absolute-form: only its path and query count
+        parts = urlsplit(raw)
+        raw = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    return str(raw)
+
+
+def _strip_prefix(target: str, segments: int) -> str:
+    """Drop the first ``segments`` path segments (``/openai`` or ``/meta/<u>/openai``)."""
+    pieces = target.split("/", segments + 1)
+    return "/" + pieces[segments + 1] if len(pieces) > segments + 1 else ""
+
+
+def prepare() -> Response | None:
+    """``before_request``: identify a provider call; answer 404/413 for bad ones."""
+    rid = request_id()
+    g.request_id = rid
+    if request.method == "OPTIONS":
+        return None  # CORS preflight: answered by flask-cors, never identified or limited
+    state = get_state(current_app)
+    target = raw_target(request.environ)
+    path_for_log = identity.redact_query(target)
+    provider = state.providers.get(request.blueprint.removesuffix("_meta")) \
+        if request.blueprint and request.endpoint and request.endpoint.endswith(".proxy") \
+        else None
+    if provider is None:
+        g.exchange_any = Exchange(rid, request.method, path_for_log,
+                                  _listeners=tuple(state.other_listeners))
+        return None
+    view_args = request.view_args or {}
+    path_user = view_args.get("user_id")
+    segments = 3 if path_user is not None else 1
+    rest = _strip_prefix(target, segments)
+    dialect = provider.dialect
+    ex = Exchange(rid, request.method, path_for_log, provider=provider.name,
+                  dialect=dialect.name, _listeners=tuple(state.listeners))
+    g.exchange_any = ex
+    if target.split("/", segments + 1)[segments] != provider.name:
+        # Routing saw the decoded path; the raw one is forwarded. An encoded prefix
+        # ("/openai%2Fv1/...") would make the two disagree on where <rest> starts.
+        ex.status = 404
+        return error_response(dialect, 404, "Unknown route.", request_id=rid)
+    headers = request.headers
+    ex.api_key = identity.api_key(headers, request.query_string.decode("latin-1"),
+                                  dialect.credential_headers, dialect.credential_params)
+    if ex.api_key:
+        ex.key_fingerprint = identity.fingerprint(ex.api_key)
+    ex.client_ip = identity.client_ip(request.remote_addr, headers.get("X-Forwarded-For"),
+                                      state.settings.server.trusted_proxies)
+    url = provider.upstream_url(rest)
+    if url is None:
+        ex.status = 404
+        return error_response(dialect, 404, "Unknown or unsafe path.", request_id=rid)
+    ex.upstream_path = rest
+    length = request.content_length
+    settings = state.settings.server
+    if length is not None and length > settings.max_body_bytes:
+        ex.status = 413
+        ex.error_kind = ErrorKind.TOO_LARGE
+        return error_response(dialect, 413, f"Request body larger than "
+                              f"{settings.max_body_bytes} bytes.", request_id=rid)
+    body: bytes | None = None
+    if length and length <= settings.inspect_max_bytes:
+        body = request.get_data(cache=True)
+        if len(body) < length:
+            # gunicorn ends the body at EOF without an error: the client left mid-upload.
+            # Forwarding it would hand the provider a truncated request posing as whole.
+            ex.status = 400
+            ex.error_kind = ErrorKind.CLIENT_GONE
+            ex.outcome = Outcome.CLIENT_ABORTED
+            return error_response(dialect, 400, "Incomplete request body.",
+                                  request_id=rid)
+    ex.request_bytes = length or 0
+    path, _, query = rest.partition("?")
+    info = dialect.inspect(request.method, path, query, headers, body)
+    ex.request_info = info
+    ex.model = info.model
+    ex.streaming = info.streaming
+    ex.user, ex.user_source = identity.resolve_user(path_user, headers, info.user, query,
+                                                     ex.client_ip)
+    g.exchange = ex
+    g.upstream_url = url
+    g.body = body
+    return None
+
+

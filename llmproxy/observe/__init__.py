@@ -1,0 +1,1 @@
+"""What the proxy tells its operators: logs, usage records, metrics, health and readiness."""

@@ -1,0 +1,1 @@
+"""Incremental, bounded decoding of response bodies: SSE, streamed JSON arrays, compression."""
