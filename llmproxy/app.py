@@ -73,22 +73,19 @@ def build_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
         sink = records.open_sink(app, settings.usage_records,
                                  metrics.record_dropped_usage_record if counting else None)
         state.on_finish(sink.on_finish)
-    checks: dict[str, health.ReadyCheck] = {}
+    limiter = None
     if settings.ratelimit.enabled:
         limiter = RateLimit(
             settings.ratelimit,
             on_denied=metrics.record_ratelimit_denial if counting else None,
             on_backend_error=metrics.record_ratelimit_backend_error if counting else None)
         limiter.install(app, state.on_finish)
-        checks["ratelimit_backend"] = limiter.readiness
-    else:
-        checks["ratelimit_backend"] = lambda: {"ok": True, "backend": "disabled"}
     if counting:
         state.on_finish(metrics.init_app(app, settings.metrics, pricing).on_finish)
     else:
         metrics.init_disabled(app)
     tracker = health.Health(providers, up.health_failure_threshold, up.health_window_seconds,
-                            checks)
+                            limiter)
     state.on_finish(tracker.observe)
     health.init_app(app, tracker)
 

@@ -1,9 +1,10 @@
 """``/health`` (liveness, per-provider status from real traffic) and ``/health/ready``.
 
 Nothing here calls a provider: a provider's status comes from the answers this worker saw
-(connection failures and timeouts make it ``degraded``). Readiness runs the checks the app
-factory hands in (providers configured, the rate-limit store answering) and says 503 when
-one fails, so a load balancer stops sending this worker traffic it cannot serve.
+(connection failures and timeouts make it ``degraded``). Readiness is decided here: at
+least one provider is configured, and the rate-limit store (when limits are on) answers a
+ping; 503 when a check fails, so a load balancer stops sending this worker traffic it
+cannot serve.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from flask import Blueprint, Flask, Response, current_app, json, request
 from .. import buildinfo
 from ..exchange import ErrorKind, Exchange
 from ..providers import Provider
+from ..ratelimit import RateLimit
+from ..ratelimit.store import StoreError
 
 EXTENSION_KEY = "llmproxy.health"
 _FAILURE_KINDS = (ErrorKind.CONNECT, ErrorKind.TIMEOUT, ErrorKind.MIDSTREAM)
@@ -27,6 +30,24 @@ _STARTED = time.time()
 
 #: A readiness check: returns at least ``{"ok": bool}``; must answer well within a probe's timeout.
 ReadyCheck = Callable[[], dict[str, Any]]
+
+
+def ratelimit_check(limiter: RateLimit | None) -> ReadyCheck:
+    """Readiness of the rate-limit store: a ping with the store's own short timeout."""
+
+    def check() -> dict[str, Any]:
+        if limiter is None:
+            return {"ok": True, "backend": "disabled"}
+        backend = limiter.settings.backend
+        started = time.monotonic()
+        try:
+            limiter.store.ping()
+        except StoreError as exc:  # only the error's class: a message may name the URL
+            return {"ok": False, "backend": backend, "error": str(exc)}
+        return {"ok": True, "backend": backend,
+                "latency_ms": round((time.monotonic() - started) * 1000, 1)}
+
+    return check
 
 
 @dataclass(slots=True)
@@ -41,12 +62,12 @@ class Health:
     """Counts connection failures and timeouts per provider; never calls a provider itself."""
 
     def __init__(self, providers: Mapping[str, Provider], threshold: int, window: float,
-                 checks: Mapping[str, ReadyCheck]) -> None:
+                 limiter: RateLimit | None = None) -> None:
         self.providers = dict(providers)
         self._state = {name: _ProviderHealth() for name in providers}
         self._threshold = threshold
         self._window = window
-        self._checks = dict(checks)
+        self._checks = {"ratelimit_backend": ratelimit_check(limiter)}
         self._lock = threading.Lock()
 
     def observe(self, ex: Exchange) -> None:

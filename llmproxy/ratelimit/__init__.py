@@ -199,17 +199,6 @@ class RateLimit:
         if self._on_backend_error is not None:
             self._on_backend_error(operation, action)
 
-    def readiness(self) -> dict[str, Any]:
-        """The ``ratelimit_backend`` readiness check: does the store answer now?"""
-        backend = self.settings.backend
-        started = time.monotonic()
-        try:
-            self.store.ping()
-        except StoreError as exc:
-            return {"ok": False, "backend": backend, "error": str(exc)}
-        return {"ok": True, "backend": backend,
-                "latency_ms": round((time.monotonic() - started) * 1000, 1)}
-
 
 def get_ratelimit(app: Flask) -> RateLimit | None:
     """The app's rate limiter, if enabled."""
