@@ -78,7 +78,7 @@ $(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	@touch $@
 
-bench: $(VENV)/.installed-bench ## Full benchmark (direct vs through the proxy); see docs/BENCHMARKS.md
+bench: $(VENV)/.installed-bench ## Full benchmark (direct vs through the proxy); see docs/benchmarks.md
 	$(BIN)/python bench/run.py
 
 bench-smoke: $(VENV)/.installed-bench ## A few-second run of the benchmark harness

@@ -2,7 +2,7 @@
 
 Usage: ``python bench/run.py [--smoke] [--scenarios A,B,C,D,E] [--streams 100,500,1000,2000]``
 (``make bench`` / ``make bench-smoke``). Prints a table and writes ``bench/results/<ts>.json``.
-See docs/BENCHMARKS.md for what each scenario measures and how processes are pinned.
+See docs/benchmarks.md for what each scenario measures and how processes are pinned.
 """
 
 from __future__ import annotations
