@@ -1,5 +1,5 @@
-"""The yardstick of issue 4: a bare Flask + gevent + requests forwarder, no logging, no
-parsing, no limits — what one writes in twenty lines. llmproxy does far more per request and
+"""A bare Flask + gevent + requests forwarder, the reference the proxy is measured against:
+no logging, no parsing, no limits — what one writes in twenty lines. llmproxy does far more per request and
 must still beat it; the benchmark runs it beside llmproxy (scenarios A and B) so that every
 run measures that on the machine at hand. Served by ``gunicorn -k gevent``, one worker.
 

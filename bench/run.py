@@ -513,7 +513,7 @@ def _median_result(runs: list[WrkResult]) -> WrkResult:
 
 
 def _vs_reference(out: dict[str, Any], ref: WrkResult, direct: WrkResult) -> None:
-    """The bare forwarder's figures beside the proxy's (the issue's yardstick)."""
+    """The bare forwarder's figures beside the proxy's."""
     out["reference"] = ref.as_dict()
     out["reference_added_p50_ms"] = round(ref.p50_ms - direct.p50_ms, 3)
     out["reference_added_p99_ms"] = round(ref.p99_ms - direct.p99_ms, 3)
@@ -779,7 +779,7 @@ def render(results: dict[str, Any]) -> str:
             + (f"{ra['rps']:>10,.0f}" if ra else ""))
         if ra:
             add("  bare fwd: bench/reference_forwarder.py, a 20-line Flask + gevent + requests "
-                "forwarder (the issue's yardstick)")
+                "forwarder")
     if "B" in s:
         b = s["B"]
         add("")

@@ -89,7 +89,7 @@ def resolve_user(
     query: str,
     ip: str,
 ) -> tuple[str, str]:
-    """User id and where it came from, in the seed's order (minus the key prefix)."""
+    """User id and where it came from, in the documented order of precedence."""
     for source, value in (("path", path_user), ("header", headers.get("X-User-ID")),
                           ("body", body_user)):
         user = clean_user(value)

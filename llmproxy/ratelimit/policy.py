@@ -107,7 +107,7 @@ def scopes_for(ex: Exchange) -> list[Scope]:
 
 
 def estimate(settings: RateLimitSettings, ex: Exchange) -> tuple[int, int]:
-    """(input tokens, output tokens) expected before the call; see the README for the rules."""
+    """(input tokens, output tokens) expected before the call; see docs/rate-limiting.md."""
     est = settings.estimation
     info = ex.request_info
     text_chars = getattr(info, "text_chars", None)

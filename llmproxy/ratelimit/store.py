@@ -4,8 +4,8 @@ A *counter* is one (scope, metric, window) triple, e.g. requests per minute of o
 Each counter keeps its usage in time buckets of ``granularity`` seconds; bucket ``b`` covers
 ``[b*g, (b+1)*g)`` and counts toward the window until ``(b + span) * g`` where
 ``span = window / g + 1``. Counting one bucket more than ``window / g`` is what makes the
-limit hold for every ``window``-long span whatever the time of day (see the README section on
-rate limiting for the proof); the cost is that usage can be remembered up to ``g`` seconds
+limit hold for every ``window``-long span whatever the time of day (see docs/rate-limiting.md
+for the proof); the cost is that usage can be remembered up to ``g`` seconds
 longer than strictly necessary.
 """
 
