@@ -1,7 +1,8 @@
 """A bare Flask + gevent + requests forwarder, the reference the proxy is measured against:
-no logging, no parsing, no limits — what one writes in twenty lines. llmproxy does far more per request and
-must still beat it; the benchmark runs it beside llmproxy (scenarios A and B) so that every
-run measures that on the machine at hand. Served by ``gunicorn -k gevent``, one worker.
+no logging, no parsing, no limits — what one writes in twenty lines. llmproxy does far more
+per request and must still beat it; the benchmark runs it beside llmproxy (scenarios A and B)
+so that every run measures that on the machine at hand. Served by ``gunicorn -k gevent``,
+one worker.
 
 Its connection pool holds as many connections as scenario B opens, so that it is not slowed
 by a pool smaller than its concurrency (requests' default is 10).
