@@ -84,7 +84,6 @@ class RequestInfo:
     user: str | None = None
     text_chars: int | None = None  # characters of textual prompt content; None: not JSON
     max_output_tokens: int | None = None
-    json_ok: bool = False  # the body was inspected and is a JSON object
 
 
 @dataclass(slots=True, eq=False)

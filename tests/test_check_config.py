@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT
+
 from llmproxy import create_app
 from llmproxy.config import ConfigError
 

@@ -170,11 +170,6 @@ class Metrics:
             _child(UPSTREAM_ERRORS, provider, ex.error_kind or UNKNOWN).inc()
 
 
-def get_metrics(app: Flask) -> Metrics:
-    metrics: Metrics = app.extensions[EXTENSION_KEY]
-    return metrics
-
-
 # -- request hooks -------------------------------------------------------------------------
 
 def _count_in_flight() -> None:

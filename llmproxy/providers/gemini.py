@@ -143,7 +143,6 @@ class Gemini(Dialect):
         doc = loads(body)
         if not isinstance(doc, dict):
             return info
-        info.json_ok = True
         if info.model is None:  # e.g. batch endpoints name the model in the body
             model = text(doc.get("model"))
             info.model = model.removeprefix("models/") if model else None

@@ -166,7 +166,6 @@ class OpenAI(Dialect):
         doc = loads(body)
         if not isinstance(doc, dict):
             return info
-        info.json_ok = True
         info.model = text(doc.get("model"))
         if method == "POST" and doc.get("stream") is True:
             info.streaming = info.streaming or path.rstrip("/").endswith(_STREAM_ROUTES)

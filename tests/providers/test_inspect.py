@@ -72,7 +72,7 @@ def test_streaming(
 def test_gemini_streaming_known_without_body() -> None:
     info = inspect("gemini", "/v1/models/gemini-2.0-flash:streamGenerateContent", None)
     assert info.streaming and info.model == "gemini-2.0-flash"
-    assert info.text_chars is None and not info.json_ok
+    assert info.text_chars is None
 
 
 # ------------------------------------------------------------------------- model and user
@@ -101,7 +101,7 @@ def test_gemini_model_from_body_when_path_has_none() -> None:
 
 def test_openai_model_and_user() -> None:
     info = inspect("openai", "/v1/chat/completions", {"model": "gpt-4o", "user": "alice"})
-    assert (info.model, info.user, info.json_ok) == ("gpt-4o", "alice", True)
+    assert (info.model, info.user) == ("gpt-4o", "alice")
 
 
 def test_anthropic_model_and_user() -> None:
@@ -233,7 +233,7 @@ def test_max_output_tokens(dialect: str, doc: dict[str, Any], expected: int | No
 )
 def test_hostile_bodies_never_raise(dialect: str, raw: bytes) -> None:
     info = inspect(dialect, "/v1/chat/completions", raw=raw)
-    assert not info.json_ok
+    assert info.text_chars is None
     assert info.text_chars is None
     assert info.max_output_tokens is None
 
@@ -254,7 +254,7 @@ def test_wrong_types_everywhere(dialect: str) -> None:
         "systemInstruction": [],
     }
     info = inspect(dialect, "/v1beta/models/:generateContent", doc)
-    assert info.json_ok
+    assert info.text_chars is not None
     assert info.text_chars == 0
     assert info.user is None
     assert info.streaming is False
@@ -268,7 +268,6 @@ def test_request_info_defaults_when_body_missing() -> None:
         user=None,
         text_chars=None,
         max_output_tokens=None,
-        json_ok=False,
     )
 
 

@@ -36,7 +36,7 @@ def exchange(provider: str = "openai", dialect: str = "openai", *, text_chars: i
     ex.request_bytes = request_bytes
     if info:
         ex.request_info = RequestInfo(model="m1", text_chars=text_chars,
-                                      max_output_tokens=max_output, json_ok=True)
+                                      max_output_tokens=max_output)
     return ex
 
 
