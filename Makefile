@@ -7,8 +7,9 @@ export PORT
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install build run dev test test-all test-e2e test-openai test-anthropic \
-        test-gemini test-health env-check check fmt vet lint clean version bench bench-smoke
+.PHONY: help install build run dev test test-all test-e2e test-packaging test-openai \
+        test-anthropic test-gemini test-health env-check check fmt vet lint clean version \
+        requirements bench bench-smoke
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -42,6 +43,9 @@ test-all: install ## Offline suite plus the live provider tests (those without k
 test-e2e: install ## Only the end-to-end tests (real gunicorn, fake upstream, official SDKs)
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
+test-packaging: install ## Wheel and requirements.txt installs in fresh virtualenvs, started
+	$(BIN)/python -m pytest -m packaging tests/packaging $(PYTEST_ARGS)
+
 test-openai: install ## Real OpenAI API through the proxy (needs OPENAI_API_KEY)
 	$(BIN)/python -m pytest -m live tests/live -k openai $(PYTEST_ARGS)
 
@@ -74,6 +78,17 @@ check: lint vet test ## Everything CI checks
 version: ## Print version, git commit and build time
 	@$(BIN)/python -m llmproxy --version
 
+$(VENV)/.installed-pip-tools: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet pip-tools
+	@touch $@
+
+# The pins a PaaS installs (the app itself then runs from the checkout). Existing pins are
+# kept unless pyproject.toml rules them out; `make requirements UPGRADE=1` moves all to the
+# newest allowed.
+requirements: $(VENV)/.installed-pip-tools ## Pin requirements.txt from pyproject.toml (UPGRADE=1: newest)
+	CUSTOM_COMPILE_COMMAND="make requirements" $(BIN)/pip-compile --quiet --strip-extras \
+	  --no-emit-options $(if $(UPGRADE),--upgrade) --output-file requirements.txt pyproject.toml
+
 $(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	@touch $@
@@ -85,5 +100,6 @@ bench-smoke: $(VENV)/.installed-bench ## A few-second run of the benchmark harne
 	$(BIN)/python bench/run.py --smoke
 
 clean: ## Remove the virtualenv, caches and build info
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache llmproxy/_build.json *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache llmproxy/_build.json *.egg-info \
+	  build dist
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

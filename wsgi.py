@@ -1,21 +1,12 @@
-"""WSGI entry point: ``gunicorn -c gunicorn.conf.py wsgi:app``.
+"""WSGI entry point in a checkout: ``gunicorn -c gunicorn.conf.py wsgi:app``.
 
-gevent must patch the standard library before anything imports ssl, socket or requests.
-gunicorn's gevent worker already patches in each worker before loading this module; the
-explicit call makes the module safe under other servers too (patching twice is a no-op).
+The app is built by ``llmproxy.wsgi`` (the installed entry point). Patching first here too
+keeps this file safe on its own whatever the package imports on the way (patching twice is
+a no-op).
 """
 
 from gevent import monkey
 
 monkey.patch_all()
 
-import sys  # noqa: E402
-
-from llmproxy import create_app  # noqa: E402
-from llmproxy.config import ConfigError  # noqa: E402
-
-try:
-    app = create_app()
-except ConfigError as exc:  # one clear line instead of a traceback
-    print(f"llmproxy: {exc}", file=sys.stderr)
-    sys.exit(4)  # gunicorn's APP_LOAD_ERROR: the master stops instead of respawning forever
+from llmproxy.wsgi import app  # noqa: E402, F401

@@ -1,9 +1,11 @@
-"""``python -m llmproxy --version`` and ``python -m llmproxy build-info``."""
+"""``llmproxy`` (or ``python -m llmproxy``): --version, build-info, check-config, serve."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import NoReturn
 
 from . import buildinfo
 
@@ -11,10 +13,17 @@ from . import buildinfo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmproxy")
     parser.add_argument("--version", action="store_true", help="print version and build info")
-    parser.add_argument("command", nargs="?", choices=["build-info", "check-config"],
+    parser.add_argument("command", nargs="?", choices=["build-info", "check-config", "serve"],
                         help="build-info: record git commit and build time; "
-                             "check-config: validate the configuration and exit")
+                             "check-config: validate the configuration and exit; "
+                             "serve: run the proxy under gunicorn (further arguments go to "
+                             "gunicorn)")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(args.args)
+    if args.args:
+        parser.error(f"unrecognized arguments: {' '.join(args.args)}")
     if args.command == "build-info":
         buildinfo.write()
         print(buildinfo.describe())
@@ -31,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(buildinfo.describe())
     return 0
+
+
+def serve(gunicorn_args: list[str]) -> NoReturn:
+    """Become gunicorn with the packaged settings, so that signals reach it directly."""
+    command = [sys.executable, "-m", "gunicorn", "-c", "python:llmproxy.gunicorn_conf",
+               *gunicorn_args, "llmproxy.wsgi:app"]
+    os.execv(sys.executable, command)
 
 
 if __name__ == "__main__":

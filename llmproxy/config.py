@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, urlsplit
 
 import yaml
@@ -22,7 +22,6 @@ import yaml
 from .identity import fingerprint
 from .providers import DIALECTS
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _RESERVED_NAMES = {"health", "metrics", "meta", "static", "admin"}
 
@@ -62,19 +61,43 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+class ConfigDir(NamedTuple):
+    path: Path
+    source: str  # how it was found: "LLMPROXY_CONFIG_DIR", "./configs" or "packaged"
+
+
+def config_dir(environ: Mapping[str, str] | None = None) -> ConfigDir:
+    """The YAML directory: $LLMPROXY_CONFIG_DIR, else ./configs, else the packaged copy."""
+    env = os.environ if environ is None else environ
+    explicit = env.get("LLMPROXY_CONFIG_DIR")
+    if explicit:
+        if not Path(explicit).is_dir():
+            raise ConfigError("LLMPROXY_CONFIG_DIR", f"not a directory: {explicit}")
+        return ConfigDir(Path(explicit).resolve(), "LLMPROXY_CONFIG_DIR")
+    # Only a ./configs that holds a base.yml: "configs" is a common name for other things.
+    if Path("configs", "base.yml").is_file():
+        return ConfigDir(Path("configs").resolve(), "./configs")
+    package = Path(__file__).resolve().parent
+    packaged = package / "configs"  # the wheel's package data
+    if not packaged.is_dir():  # a source checkout, where pyproject maps the package to configs/
+        packaged = package.parent / "configs"
+    return ConfigDir(packaged, "packaged")
+
+
 def load_raw(
     overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
     """base.yml <- <LLMPROXY_ENV>.yml <- $LLMPROXY_CONFIG <- ``overrides`` <- env vars."""
     env = os.environ if environ is None else environ
-    raw = _read_yaml(CONFIG_DIR / "base.yml")
-    pricing = CONFIG_DIR / "pricing.yml"  # the price table lives in its own file
+    directory = config_dir(env).path
+    raw = _read_yaml(directory / "base.yml")
+    pricing = directory / "pricing.yml"  # the price table lives in its own file
     if pricing.exists():
         raw = deep_merge(raw, _read_yaml(pricing))
     env_name = env.get("LLMPROXY_ENV", "dev")
     if not _NAME_RE.match(env_name):
         raise ConfigError("LLMPROXY_ENV", f"invalid environment name {env_name!r}")
-    overlay = CONFIG_DIR / f"{env_name}.yml"
+    overlay = directory / f"{env_name}.yml"
     if overlay.exists():
         raw = deep_merge(raw, _read_yaml(overlay))
     extra = env.get("LLMPROXY_CONFIG")
