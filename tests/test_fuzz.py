@@ -690,7 +690,7 @@ INSPECT_SHAPES: dict[tuple[str, tuple[str, ...]], Callable[[int], Request]] = {
         {"messages": [{"content": [
             {"type": "tool_result", "content": [{"text": "a"}]}] * k}]}).encode()),
     ("many contents", ("gemini",)): lambda k: ("/v1/x", "", {}, json.dumps(
-        {"contents": [{"parts": [{"text": "a"}] * 4}] * k}).encode()),
+        {"contents": [{"parts": [{"text": "a"}] * 2}] * k}).encode()),
     ("escaped text", ("openai",)): lambda k: ("/v1/x", "", {}, json.dumps(
         {"input": "\u00e9\U0001f600" * k}, ensure_ascii=True).encode()),
     ("many headers, none of them Accept", ("openai",)): lambda k: (
@@ -812,6 +812,17 @@ def _quadratic_copy(k: int) -> Callable[[], None]:
     return job
 
 
+def _quadratic_partial_line(k: int) -> Callable[[], None]:
+    """What a decoder that re-copied its partial line on every chunk would do."""
+    chunks = [b"x" * 7] * (k // 7)
+
+    def job() -> None:
+        line = b""
+        for chunk in chunks:
+            line = line + chunk
+    return job
+
+
 def _quadratic_scan(k: int) -> Callable[[], None]:
     data = b"x" * k
 
@@ -833,10 +844,12 @@ def test_meter_passes_linear_work() -> None:
     assert_linear(_linear, 2048, "linear", watch=TOY)
 
 
-@pytest.mark.parametrize("job", [_quadratic_copy, _quadratic_scan, _quadratic_calls])
-def test_meter_catches_quadratic_work(job: Callable[[int], Callable[[], None]]) -> None:
+@pytest.mark.parametrize(("job", "n"), [(_quadratic_copy, 512), (_quadratic_scan, 512),
+                                        (_quadratic_calls, 512), (_quadratic_partial_line, 256)])
+def test_meter_catches_quadratic_work(job: Callable[[int], Callable[[], None]], n: int) -> None:
+    # At the sizes the tests above use, so that the floors do not hide the growth.
     with pytest.raises(AssertionError, match="work grew"):
-        assert_linear(job, 512, job.__name__, watch=TOY)
+        assert_linear(job, n, job.__name__, watch=TOY)
 
 
 def test_meter_counts_are_deterministic() -> None:
