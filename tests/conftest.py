@@ -1,12 +1,11 @@
-"""Shared fixtures: the fake upstream, the real proxy under gunicorn, and the in-process app."""
+"""Shared fixtures: the fake upstream, the real proxy under gunicorn, a redis-server, and the
+in-process app."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(1, str(REPO_ROOT))
 from fake_upstream import FakeUpstream  # noqa: E402
+from services import RedisServer, free_port  # noqa: E402
 
 PROVIDERS = ("openai", "anthropic", "gemini", "groq")
 READY_TIMEOUT = 20.0
@@ -33,28 +33,6 @@ READY_TIMEOUT = 20.0
 # Test clients talk to loopback only; never route them through a proxy from the environment.
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
 os.environ["no_proxy"] = "127.0.0.1,localhost"
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def require_binary(name: str) -> str:
-    """Path of executable ``name``; skip the test without it (fail instead under CI=true)."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed"
-        if in_ci():
-            pytest.fail(f"{message} (required under CI=true)")
-        pytest.skip(message)
-    return path
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (right now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def new_request_id() -> str:
@@ -282,6 +260,29 @@ def start_proxy(fake_upstream: FakeUpstream, tmp_path: Path) -> Iterator[ProxyFa
         proc.terminate()
     for proc in started:
         proc.stop()
+
+
+# -- redis-server --------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session (skipped without the binary, failed under CI=true)."""
+    server = RedisServer.required(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_server(redis_session: RedisServer) -> Iterator[RedisServer]:
+    """The session's redis-server, running and empty (restarted if a test killed it)."""
+    if not redis_session.alive():
+        redis_session.start()
+    client = redis_session.client()
+    client.flushall()
+    client.close()
+    yield redis_session
+    if not redis_session.alive():
+        redis_session.start()
 
 
 # -- in-process Flask app ----------------------------------------------------------------

@@ -10,6 +10,7 @@ the credential, and what the token counts mean. Nothing here may raise on hostil
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable
 from typing import Any, ClassVar, Protocol
@@ -19,6 +20,8 @@ from flask import Blueprint
 
 from ..exchange import RequestInfo, ResponseMeta, Usage
 from ..streams.reader import ResponseReader
+
+log = logging.getLogger(__name__)
 
 # Characters never allowed in a forwarded path: controls, space, backslash (some servers
 # treat it as '/'), and their percent-encoded forms.
@@ -287,4 +290,5 @@ def response_reader(dialect: Dialect, path: str, content_type: str | None,
         return ResponseReader(meta, dialect.usage_handler(meta, route), content_type,
                               content_encoding, dialect.json_array_stream(route, query))
     except Exception:  # a bug here must not break the proxy: read nothing instead
+        log.warning("usage reader setup failed", exc_info=True)
         return ResponseReader.blind()

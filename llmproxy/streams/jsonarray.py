@@ -100,8 +100,12 @@ class JSONArraySplitter:
                     depth -= 1
                 if self._in_elem and depth == self._elem_depth:
                     self._in_elem = False
-                    if self._dropping:
+                    size = len(self._buf) + pos if self._buf else pos - start
+                    if self._dropping or size > self._max:
+                        # The cap holds whatever the split: an element that completes
+                        # within one chunk is measured like one that spans several.
                         self._dropping = False
+                        self._buf.clear()
                         self.dropped += 1
                     elif self._buf:
                         self._buf += chunk[:pos]

@@ -27,6 +27,7 @@ class SSEDecoder:
         "_max",
         "_line",
         "_skip_line",
+        "_skip_comment",
         "_after_cr",
         "_first_line",
         "_name",
@@ -42,6 +43,7 @@ class SSEDecoder:
         self._max = max_event_bytes
         self._line = bytearray()  # the current, unterminated line
         self._skip_line = False  # the current line overflowed the cap and is being discarded
+        self._skip_comment = False  # ... and it is a comment, which never counts toward the cap
         self._after_cr = False  # the last byte fed was CR: an LF right after it is the same break
         self._first_line = True  # a UTF-8 BOM may start the stream
         self._name = ""
@@ -96,7 +98,9 @@ class SSEDecoder:
             if self._skip_line:
                 # The oversized line ends here; it was not blank, so it never dispatches.
                 self._skip_line = False
-                lines[0] = b"\x00"  # any non-blank line: ignored because we are dropping
+                # A comment is ignored like any whole one; any other line is ignored
+                # because the event is being dropped.
+                lines[0] = b":" if self._skip_comment else b"\x00"
             elif self._line:
                 self._line += first
                 lines[0] = bytes(self._line)
@@ -107,9 +111,16 @@ class SSEDecoder:
             if self._skip_line or self._dropping:
                 self._skip_line = True  # only "this line is not blank" matters now
             elif len(self._line) + len(tail) + self._size > self._max:
+                # A comment line is not part of the event: skip it, keep the event, as a
+                # whole comment line would be (the result must not depend on the split).
+                head = bytes(self._line[:4]) + tail[:4]
+                if self._first_line and head.startswith(_BOM):
+                    head = head[3:]
+                self._skip_comment = head[:1] == b":"
                 self._line.clear()
                 self._skip_line = True
-                self._begin_drop()
+                if not self._skip_comment:
+                    self._begin_drop()
             else:
                 self._line += tail
         return events

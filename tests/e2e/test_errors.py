@@ -14,9 +14,10 @@ import anthropic
 import openai
 import pytest
 import requests
-from conftest import ProxyLauncher, ProxyProcess, free_port, new_request_id
+from conftest import ProxyLauncher, ProxyProcess, new_request_id
 from fake_upstream import FakeUpstream, error, error_body
 from google.genai import errors as genai_errors
+from services import closed_port
 
 from e2e.sdk import anthropic_client, gemini_client, openai_client
 
@@ -35,8 +36,9 @@ RATE_HEADERS = [
 
 
 @pytest.fixture(scope="module")
-def dead_port() -> int:
-    return free_port()
+def dead_port() -> Iterator[int]:
+    with closed_port() as port:
+        yield port
 
 
 @pytest.fixture(scope="module")

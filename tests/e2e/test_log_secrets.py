@@ -7,8 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 import requests
-from conftest import ProxyLauncher, ProxyProcess, free_port
+from conftest import ProxyLauncher, ProxyProcess
 from fake_upstream import FakeUpstream, error
+from services import closed_port
 
 from e2e.rawhttp import send_raw
 
@@ -30,14 +31,16 @@ def scan_proxy(request: pytest.FixtureRequest, proxy_launcher: ProxyLauncher
                ) -> Iterator[ProxyProcess]:
     """Debug logging (the most talkative), a small body limit, a short read timeout and one
     unreachable provider per dialect."""
-    dead = f"http://127.0.0.1:{free_port()}"
-    yield proxy_launcher(config={
-        "server": {"max_body_bytes": MAX_BODY},
-        "upstream": {"read_timeout": 0.5},
-        "providers": {"deadoa": {"base_url": dead, "dialect": "openai"},
-                      "deadan": {"base_url": dead, "dialect": "anthropic"},
-                      "deadge": {"base_url": dead, "dialect": "gemini"}},
-    }, env={"LOG_LEVEL": "debug", "LOG_FORMAT": request.param, "GUNICORN_LOG_LEVEL": "debug"})
+    with closed_port() as port:
+        dead = f"http://127.0.0.1:{port}"
+        yield proxy_launcher(config={
+            "server": {"max_body_bytes": MAX_BODY},
+            "upstream": {"read_timeout": 0.5},
+            "providers": {"deadoa": {"base_url": dead, "dialect": "openai"},
+                          "deadan": {"base_url": dead, "dialect": "anthropic"},
+                          "deadge": {"base_url": dead, "dialect": "gemini"}},
+        }, env={"LOG_LEVEL": "debug", "LOG_FORMAT": request.param,
+                "GUNICORN_LOG_LEVEL": "debug"})
 
 
 

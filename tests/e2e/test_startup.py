@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT
+from services import free_port
 
 
 def test_invalid_config_stops_startup_with_one_clear_line(tmp_path: Path) -> None:

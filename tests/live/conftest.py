@@ -10,7 +10,8 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from conftest import ProxyProcess, free_port
+from conftest import ProxyProcess
+from services import free_port
 
 
 def require_key(name: str) -> str:

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
 from fake_upstream import FakeUpstream
+from services import RedisServer, closed_port
 
 from llmproxy.config import ConfigError, parse_pricing
 from llmproxy.observe import metrics, records
@@ -203,12 +200,12 @@ def test_in_flight_and_open_streams_follow_the_terminal_event(app_with: Callable
 
 def test_upstream_errors_by_kind(app_with: Callable[..., Any], fake_upstream: FakeUpstream,
                                  delta: Delta) -> None:
-    dead_port = free_port()
-    app = app_with(providers={"anthropic": {"base_url": f"http://127.0.0.1:{dead_port}"}})
     connect = delta("llmproxy_upstream_errors_total", provider="anthropic", kind="connect")
     midstream = delta("llmproxy_upstream_errors_total", provider="openai", kind="midstream")
-    client = app.test_client()
-    resp = post(client, "/anthropic/v1/messages", {"model": "claude-3-haiku", "messages": []})
+    with closed_port() as dead_port:
+        app = app_with(providers={"anthropic": {"base_url": f"http://127.0.0.1:{dead_port}"}})
+        client = app.test_client()
+        resp = post(client, "/anthropic/v1/messages", {"model": "claude-3-haiku", "messages": []})
     assert resp.status_code == 502
     fake_upstream.script(fake_upstream.scripts.dying(after=3))
     resp = post(client, "/openai/v1/chat/completions",
@@ -267,30 +264,6 @@ def test_cost_is_computed_before_every_other_listener(app_with: Callable[..., An
 
 # -- readiness -----------------------------------------------------------------------------
 
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("redis-server did not start")
-            time.sleep(0.02)  # waiting for another process to listen: no event to await
-    yield f"redis://127.0.0.1:{port}/0", proc
-    proc.kill()
-    proc.wait(5)
-
-
 def test_ready_without_rate_limiting(app_with: Callable[..., Any]) -> None:
     resp = app_with().test_client().get("/health/ready")
     assert resp.status_code == 200
@@ -300,17 +273,15 @@ def test_ready_without_rate_limiting(app_with: Callable[..., Any]) -> None:
 
 
 def test_ready_follows_the_redis_backend(app_with: Callable[..., Any],
-                                         redis_url: tuple[str, subprocess.Popen[bytes]]) -> None:
-    url, proc = redis_url
+                                         redis_server: RedisServer) -> None:
     app = app_with(features={"rate_limiting": {"enabled": True, "backend": "redis",
-                                               "redis": {"url": url}}})
+                                               "redis": {"url": redis_server.url}}})
     client = app.test_client()
     resp = client.get("/health/ready")
     assert resp.status_code == 200, resp.get_json()
     assert resp.get_json()["checks"]["ratelimit_backend"]["backend"] == "redis"
 
-    proc.kill()
-    proc.wait(5)
+    redis_server.kill()  # the fixture restarts it for the next test
     started = time.monotonic()
     resp = client.get("/health/ready")
     assert resp.status_code == 503

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from services import RedisServer, closed_port
 
 from llmproxy.config import ConfigError
 from llmproxy.identity import fingerprint
@@ -17,7 +18,7 @@ from llmproxy.observe import metrics
 from llmproxy.ratelimit import get_ratelimit
 from llmproxy.ratelimit.redis import RedisStore
 
-from .conftest import FakeClock, RedisServer
+from .conftest import FakeClock
 
 KEY = "sk-test-key-0001"
 OTHER_KEY = "sk-test-key-0002"
@@ -204,11 +205,8 @@ def test_failed_upstream_calls_are_refunded(limited_app: AppFactory, fake_upstre
 
 def test_unreachable_upstream_is_refunded(backend: str, request: pytest.FixtureRequest,
                                           make_app: Callable[..., Flask]) -> None:
-    import socket
-
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
-        dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    with closed_port() as port:
+        dead = f"http://127.0.0.1:{port}"
         cfg: dict[str, Any] = {"enabled": True, "limits": {"requests_per_minute": 1},
                                **backend_config(backend, request)}
         app = make_app({"providers": {"openai": {"base_url": dead}},

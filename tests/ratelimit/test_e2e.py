@@ -16,12 +16,11 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask
+from services import RedisServer
 from werkzeug.serving import make_server
 
 from llmproxy.identity import fingerprint
 from llmproxy.ratelimit import get_ratelimit
-
-from .conftest import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 

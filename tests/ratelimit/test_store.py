@@ -9,12 +9,13 @@ import threading
 import time
 
 import pytest
+from services import RedisServer, closed_port
 
 from llmproxy.ratelimit.memory import MemoryStore
 from llmproxy.ratelimit.redis import RedisStore, connect
 from llmproxy.ratelimit.store import Adjustment, CounterSpec, StoreError
 
-from .conftest import FakeClock, RedisServer, StoreFactory
+from .conftest import FakeClock, StoreFactory
 
 
 def requests_spec(limit: int, key: str = "k:requests:minute") -> CounterSpec:
@@ -235,7 +236,7 @@ def test_redis_keys_expire_and_carry_one_hash_tag(redis_server: RedisServer,
 
 
 def test_redis_store_fails_fast_when_redis_is_down() -> None:
-    with socket_closed_port() as port:
+    with closed_port() as port:
         store = RedisStore(connect(f"redis://127.0.0.1:{port}/0", 50))
         started = time.monotonic()
         with pytest.raises(StoreError):
@@ -244,20 +245,6 @@ def test_redis_store_fails_fast_when_redis_is_down() -> None:
             store.adjust([Adjustment("k:requests:minute", 1, -1, 60, 1)])
         assert time.monotonic() - started < 1.0
         store.close()
-
-
-class socket_closed_port:
-    """A loopback port with nothing listening (bound, never listened, so it stays free)."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        return int(self.sock.getsockname()[1])
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
 
 
 # -- deferred corrections (Redis) ----------------------------------------------------------------
@@ -310,7 +297,7 @@ def test_redis_close_sends_what_is_queued(redis_server: RedisServer) -> None:
 
 def test_redis_deferred_corrections_lost_with_redis_are_reported() -> None:
     lost: list[StoreError] = []
-    with socket_closed_port() as port:
+    with closed_port() as port:
         store = RedisStore(connect(f"redis://127.0.0.1:{port}/0", 50), reconcile_delay=3600,
                            on_lost=lost.append)
         store.adjust([Adjustment("k:requests:minute", 1, -1, 60, 1)])  # queued: no error yet
@@ -330,7 +317,7 @@ def test_lost_corrections_count_as_backend_errors() -> None:
     from llmproxy.config import parse_ratelimit
     from llmproxy.ratelimit import RateLimit
 
-    with socket_closed_port() as port:
+    with closed_port() as port:
         settings = parse_ratelimit({"features": {"rate_limiting": {
             "enabled": True, "backend": "redis",
             "redis": {"url": f"redis://127.0.0.1:{port}/0", "timeout_ms": 50,
