@@ -78,7 +78,8 @@ def build_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
         limiter = RateLimit(
             settings.ratelimit,
             on_denied=metrics.record_ratelimit_denial if counting else None,
-            on_backend_error=metrics.record_ratelimit_backend_error if counting else None)
+            on_backend_error=metrics.record_ratelimit_backend_error if counting else None,
+            on_evicted=metrics.record_ratelimit_evictions if counting else None)
         limiter.install(app, state.on_finish)
     if counting:
         state.on_finish(metrics.init_app(app, settings.metrics, pricing).on_finish)

@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit
 
 import yaml
 
-from .identity import fingerprint
+from .identity import DEFAULT_USER_SOURCES, USER_SOURCES, fingerprint
 from .providers import DIALECTS
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -126,6 +126,8 @@ class ServerSettings:
     max_body_bytes: int
     inspect_max_bytes: int
     trusted_proxies: int
+    # who may name the user, in order of precedence (identity.resolve_user)
+    user_sources: tuple[str, ...] = DEFAULT_USER_SOURCES
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +231,17 @@ class RedisSettings:
     reconcile_delay_ms: int = 100
 
 
+#: Counters the memory backend keeps per worker before forgetting the least recently charged.
+DEFAULT_MAX_COUNTERS = 50_000
+# Below this, one request's own counters (up to 20) could push each other out.
+MIN_MAX_COUNTERS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryStoreSettings:
+    max_counters: int = DEFAULT_MAX_COUNTERS
+
+
 @dataclass(frozen=True, slots=True)
 class Estimation:
     max_sample_bytes: int = 20000
@@ -244,6 +257,7 @@ class RateLimitSettings:
     enabled: bool = False
     backend: str = "memory"
     redis: RedisSettings = field(default_factory=RedisSettings)
+    memory: MemoryStoreSettings = field(default_factory=MemoryStoreSettings)
     count_tokens: str = "total"
     limits: Limits = field(default_factory=Limits)
     # scope kind -> limits for every scope of that kind (``limits`` merged with scope_limits)
@@ -368,12 +382,27 @@ def parse_providers(raw: Mapping[str, Any]) -> dict[str, ProviderSettings]:
     return providers
 
 
+def _user_sources(value: Any, key: str) -> tuple[str, ...]:
+    if value is None:
+        return DEFAULT_USER_SOURCES
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, f"must be a list of sources ({', '.join(USER_SOURCES)})")
+    for source in value:
+        if source not in USER_SOURCES:
+            raise ConfigError(key, f"unknown source {source!r} "
+                                   f"(allowed: {', '.join(USER_SOURCES)})")
+    if len(set(value)) != len(value):
+        raise ConfigError(key, "lists a source twice")
+    return tuple(value)
+
+
 def parse_server(raw: Mapping[str, Any]) -> ServerSettings:
     s = _section(raw, "server")
     return ServerSettings(
         max_body_bytes=_int(s.get("max_body_bytes"), "server.max_body_bytes", 1),
         inspect_max_bytes=_int(s.get("inspect_max_bytes"), "server.inspect_max_bytes"),
         trusted_proxies=_int(s.get("trusted_proxies"), "server.trusted_proxies"),
+        user_sources=_user_sources(s.get("user_sources"), "server.user_sources"),
     )
 
 
@@ -541,6 +570,15 @@ def _redis(section: Mapping[str, Any], environ: Mapping[str, str]) -> RedisSetti
     )
 
 
+def _memory(section: Mapping[str, Any]) -> MemoryStoreSettings:
+    key = f"{RL}.memory"
+    _no_unknown(section, key, ("max_counters",))
+    return MemoryStoreSettings(
+        max_counters=_int(section.get("max_counters", DEFAULT_MAX_COUNTERS),
+                          f"{key}.max_counters", MIN_MAX_COUNTERS),
+    )
+
+
 def _estimation(section: Mapping[str, Any]) -> Estimation:
     key = f"{RL}.estimation"
     _no_unknown(section, key, ("max_sample_bytes", "bytes_per_token", "chars_per_token",
@@ -565,8 +603,8 @@ def _estimation(section: Mapping[str, Any]) -> Estimation:
 def parse_ratelimit(raw: Mapping[str, Any], environ: Mapping[str, str]) -> RateLimitSettings:
     """The ``features.rate_limiting`` section (algorithm: docs/rate-limiting.md)."""
     section = _section(_section(raw, "features"), "rate_limiting", RL)
-    _no_unknown(section, RL, ("enabled", "backend", "redis", "count_tokens", "limits",
-                              "scope_limits", "overrides", "estimation"))
+    _no_unknown(section, RL, ("enabled", "backend", "redis", "memory", "count_tokens",
+                              "limits", "scope_limits", "overrides", "estimation"))
     limits = Limits().merged(_partial_limits(section.get("limits"), f"{RL}.limits"))
 
     scope_section = _section(section, "scope_limits", f"{RL}.scope_limits")
@@ -596,6 +634,7 @@ def parse_ratelimit(raw: Mapping[str, Any], environ: Mapping[str, str]) -> RateL
         enabled=_bool(section.get("enabled", False), f"{RL}.enabled"),
         backend=_choice(section.get("backend", "memory"), f"{RL}.backend", ("memory", "redis")),
         redis=_redis(_section(section, "redis", f"{RL}.redis"), environ),
+        memory=_memory(_section(section, "memory", f"{RL}.memory")),
         count_tokens=_choice(section.get("count_tokens", "total"), f"{RL}.count_tokens",
                              ("input", "output", "total")),
         limits=limits,

@@ -47,6 +47,7 @@ class ErrorKind(_Word):
     TRANSFER_CODING = "transfer_coding"  # an upload coding other than chunked
     RATE_LIMITED = "rate_limited"  # refused by a rate limit (429)
     RATELIMIT_UNAVAILABLE = "ratelimit_unavailable"  # the limiter's store failed, on_error: closed
+    CREDENTIAL_CONFLICT = "credential_conflict"  # two different credentials for one provider
 
 
 FinishListener = Callable[["Exchange"], None]

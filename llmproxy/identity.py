@@ -37,25 +37,46 @@ def redact_query(target: str) -> str:
     return _KEY_PARAM_RE.sub(r"\1REDACTED", target)
 
 
+class CredentialConflict(ValueError):
+    """A request carries two different credentials for its provider."""
+
+
+def _credential(slot: str, value: str) -> str | None:
+    if slot != "authorization":
+        return value.strip() or None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
 def api_key(headers: HeadersLike, query: str,
             header_names: tuple[str, ...] = ("Authorization", "x-api-key", "x-goog-api-key"),
             params: tuple[str, ...] = ("key",)) -> str | None:
-    """The caller's provider credential, from the slots its dialect's SDKs use."""
-    for name in header_names:
-        value = headers.get(name)
-        if not value:
-            continue
-        if name.lower() == "authorization":
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            continue
-        return value.strip()
+    """The caller's provider credential, from the slots its dialect's SDKs use.
+
+    ``headers`` and ``query`` must be what is forwarded (hop-by-hop headers already dropped),
+    so the credential named is the one the provider authenticates. Every slot is read:
+    two different values raise :class:`CredentialConflict`, since which one the provider
+    honours is its own business. A repeated header arrives joined with commas, which no
+    API key or bearer token contains.
+    """
+    slots = {name.lower() for name in header_names}
+    found: set[str] = set()
+    for name, value in headers.items():
+        slot = name.lower()
+        if slot in slots and value:
+            for part in value.split(","):
+                credential = _credential(slot, part)
+                if credential:
+                    found.add(credential)
     if params and "=" in query:
         for name, value in parse_qsl(query, keep_blank_values=False):
             if name in params and value:
-                return value
-    return None
+                found.add(value)
+    if len(found) > 1:
+        raise CredentialConflict(f"{len(found)} different credentials")
+    return next(iter(found), None)
 
 
 def client_ip(remote_addr: str | None, forwarded_for: str | None, trusted_proxies: int) -> str:
@@ -82,21 +103,52 @@ def clean_user(value: object) -> str | None:
     return None
 
 
+#: Where a user id may come from (``server.user_sources``); see :func:`resolve_user`.
+USER_SOURCES = ("path", "header", "body", "query", "key", "ip")
+#: The order of precedence when none is configured.
+DEFAULT_USER_SOURCES = ("path", "header", "body", "query", "ip")
+
+
+def _query_user(query: str) -> str | None:
+    if "llm_user_id=" in query:
+        for name, value in parse_qsl(query):
+            if name == "llm_user_id" and clean_user(value):
+                return value
+    return None
+
+
 def resolve_user(
     path_user: str | None,
     headers: HeadersLike,
     body_user: str | None,
     query: str,
     ip: str,
-) -> tuple[str, str]:
-    """User id and where it came from, in the documented order of precedence."""
-    for source, value in (("path", path_user), ("header", headers.get("X-User-ID")),
-                          ("body", body_user)):
+    key_fingerprint: str | None = None,
+    sources: tuple[str, ...] = DEFAULT_USER_SOURCES,
+) -> tuple[str | None, str | None]:
+    """User id and where it came from: the first of ``sources`` that names one.
+
+    ``path`` (``/meta/<id>/``), ``header`` (``X-User-ID``), ``body`` (``user`` or
+    ``metadata.user_id``) and ``query`` (``llm_user_id``) are whatever the client says;
+    ``key`` is the credential's fingerprint, ``ip`` the client address. (None, None) when
+    no source allowed names one.
+    """
+    for source in sources:
+        if source == "ip":
+            if ip:
+                return ip, source
+            continue
+        if source == "path":
+            value: object = path_user
+        elif source == "header":
+            value = headers.get("X-User-ID")
+        elif source == "body":
+            value = body_user
+        elif source == "query":
+            value = _query_user(query)
+        else:  # "key"
+            value = key_fingerprint
         user = clean_user(value)
         if user:
             return user, source
-    if "llm_user_id=" in query:
-        for name, value in parse_qsl(query):
-            if name == "llm_user_id" and clean_user(value):
-                return value, "query"
-    return ip, "ip"
+    return None, None

@@ -20,6 +20,7 @@ from . import identity
 from .errors import error_response
 from .exchange import ErrorKind, Exchange, Outcome
 from .state import get_state
+from .upstream import request_headers
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{8,128}$")
 
@@ -80,8 +81,17 @@ def prepare() -> Response | None:
         ex.status = 404
         return error_response(dialect, 404, "Unknown route.", request_id=rid)
     headers = request.headers
-    ex.api_key = identity.api_key(headers, request.query_string.decode("latin-1"),
-                                  dialect.credential_headers, dialect.credential_params)
+    # The credential is read off exactly what is forwarded: a header the client names in
+    # Connection: is dropped, so it must not be the one that limits and records count.
+    forwarded = request_headers(headers.items())
+    try:
+        ex.api_key = identity.api_key(forwarded, rest.partition("?")[2],
+                                      dialect.credential_headers, dialect.credential_params)
+    except identity.CredentialConflict:
+        ex.status = 400
+        ex.error_kind = ErrorKind.CREDENTIAL_CONFLICT
+        return error_response(dialect, 400, "The request carries two different credentials; "
+                              "send one.", request_id=rid)
     if ex.api_key:
         ex.key_fingerprint = identity.fingerprint(ex.api_key)
     ex.client_ip = identity.client_ip(request.remote_addr, headers.get("X-Forwarded-For"),
@@ -116,9 +126,11 @@ def prepare() -> Response | None:
     ex.model = info.model
     ex.streaming = info.streaming
     ex.user, ex.user_source = identity.resolve_user(path_user, headers, info.user, query,
-                                                     ex.client_ip)
+                                                     ex.client_ip, ex.key_fingerprint,
+                                                     settings.user_sources)
     g.exchange = ex
     g.upstream_url = url
+    g.upstream_headers = forwarded
     g.body = body
     return None
 

@@ -5,6 +5,8 @@ Prices are USD per million tokens, per provider route name (``openai``, ``anthro
 dated-snapshot suffix (``gpt-4o-2024-08-06`` -> ``gpt-4o``, ``claude-sonnet-4-20250514`` ->
 ``claude-sonnet-4``, ``gemini-2.0-flash-001`` -> ``gemini-2.0-flash``). Nothing else is
 guessed: a model that does not resolve, or a response without usage, costs ``None``.
+Model names come from clients, so a lookup is bounded: a name longer than
+:data:`MAX_MODEL_CHARS` is never priced, and at most :data:`_MAX_STRIPS` suffixes are removed.
 
 Token counts are first normalised by the provider's dialect (``Dialect.normalized_tokens``):
 input is the whole prompt, cached and cache-written tokens included, which are then billed at
@@ -34,8 +36,13 @@ _SNAPSHOT_SUFFIXES = (
 )
 
 
+#: No priced model name comes near this; longer ones (from request bodies) cost None at once.
+MAX_MODEL_CHARS = 256
+# The longest real chain is two steps (gemini-2.5-flash-preview-09-2025 -> ...-preview ->
+# gemini-2.5-flash); without a bound, "x-001-001-..." would take one pass per suffix over an
+# ever shorter copy of the name: quadratic in its length.
+_MAX_STRIPS = 4
 _FOUND_CACHE_SIZE = 4096
-_CACHED_NAME_MAX = 256  # longer model names (from request bodies) are looked up uncached
 _NOT_CACHED = object()
 
 
@@ -57,10 +64,8 @@ class PricingTable:
 
     def lookup(self, provider: str | None, model: str | None) -> ModelPrice | None:
         """The price entry for ``model`` at ``provider``, or ``None`` when not listed."""
-        if not provider or not model:
+        if not provider or not model or len(model) > MAX_MODEL_CHARS:
             return None
-        if len(model) > _CACHED_NAME_MAX:  # a client's oversized name: not worth keeping
-            return self._search(provider, model)
         key = (provider, model)
         found = self._found.get(key, _NOT_CACHED)
         if found is _NOT_CACHED:
@@ -78,7 +83,7 @@ class PricingTable:
         name = model.strip()
         if name.startswith("models/"):  # Gemini reports "models/gemini-2.5-pro" in places
             name = name[len("models/"):]
-        while True:
+        for _ in range(_MAX_STRIPS + 1):
             if name in models:
                 return models[name]
             if name in aliases:
@@ -90,6 +95,7 @@ class PricingTable:
                     break
             else:
                 return None
+        return None
 
     def cost(self, provider: str | None, model: str | None, usage: Usage,
              dialect: Dialect) -> float | None:

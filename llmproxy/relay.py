@@ -30,7 +30,6 @@ from .upstream import (
     RequestBodyError,
     Upstream,
     UpstreamError,
-    request_headers,
     response_headers,
 )
 
@@ -57,7 +56,7 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
             return _fail(ex, provider, 501, ErrorKind.TRANSFER_CODING,
                          "Transfer-Encoding other than chunked is not supported.")
         body = BodyStream(request.stream, None, state.settings.server.max_body_bytes)
-    headers = request_headers(request.headers.items())
+    headers: dict[str, str] = g.upstream_headers  # the ones the credential was read from
     try:
         resp = _send_watching_client(state, request.method, g.upstream_url, headers, body,
                                      request.environ.get("gunicorn.socket"))

@@ -49,6 +49,13 @@ def test_a_provider_can_be_removed_by_an_overlay() -> None:
         ({"providers": {"health": {"base_url": "https://h"}}}, "providers.health"),
         ({"logging": {"level": "loud"}}, "logging.level"),
         ({"cors": {"origins": 5}}, "cors.origins"),
+        ({"server": {"user_sources": "header"}}, "server.user_sources"),
+        ({"server": {"user_sources": ["header", "cookie"]}}, "server.user_sources"),
+        ({"server": {"user_sources": ["ip", "ip"]}}, "server.user_sources"),
+        ({"features": {"rate_limiting": {"memory": {"max_counters": 10}}}},
+         "features.rate_limiting.memory.max_counters"),
+        ({"features": {"rate_limiting": {"memory": {"max_scopes": 10}}}},
+         "features.rate_limiting.memory.max_scopes"),
     ],
 )
 def test_invalid_settings_name_the_key(overrides: dict[str, object], key: str) -> None:
@@ -64,3 +71,16 @@ def test_broken_yaml_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_raw(environ={"LLMPROXY_CONFIG": str(bad)})
     assert "bad.yml" in str(err.value)
+
+
+def test_user_sources_and_the_memory_cap() -> None:
+    default = build_settings(load_raw(environ={}))
+    assert default.server.user_sources == ("path", "header", "body", "query", "ip")
+    assert default.ratelimit.memory.max_counters == 50_000
+    custom = build_settings(load_raw({
+        "server": {"user_sources": ["key", "ip"]},
+        "features": {"rate_limiting": {"memory": {"max_counters": 5000}}}}, environ={}))
+    assert custom.server.user_sources == ("key", "ip")
+    assert custom.ratelimit.memory.max_counters == 5000
+    nobody = build_settings(load_raw({"server": {"user_sources": []}}, environ={}))
+    assert nobody.server.user_sources == ()

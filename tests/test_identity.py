@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from llmproxy.identity import api_key, client_ip, fingerprint, redact_query, resolve_user
+from llmproxy.identity import (
+    CredentialConflict,
+    api_key,
+    client_ip,
+    fingerprint,
+    redact_query,
+    resolve_user,
+)
 
 
 @pytest.mark.parametrize(
@@ -20,6 +27,40 @@ from llmproxy.identity import api_key, client_ip, fingerprint, redact_query, res
 )
 def test_api_key_sources(headers: dict[str, str], query: str, expected: str | None) -> None:
     assert api_key(headers, query) == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "query"),
+    [
+        ({"x-api-key": "sk-a", "Authorization": "Bearer sk-b"}, ""),
+        ({"x-api-key": "sk-a,sk-b"}, ""),  # a repeated header, joined by the server
+        ({"Authorization": "Bearer sk-a, Bearer sk-b"}, ""),
+        ({"x-goog-api-key": "AIza-a"}, "key=AIza-b"),
+        ({}, "key=AIza-a&key=AIza-b"),
+        ({}, "key=AIza-a&%6Bey=AIza-b"),  # the name decoded, as the provider decodes it
+    ],
+)
+def test_two_different_credentials_conflict(headers: dict[str, str], query: str) -> None:
+    with pytest.raises(CredentialConflict):
+        api_key(headers, query)
+
+
+ALL_SLOTS = ("Authorization", "x-api-key", "x-goog-api-key")
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "slots", "expected"),
+    [
+        ({"x-api-key": "sk-a", "Authorization": "Bearer sk-a"}, "", ALL_SLOTS, "sk-a"),
+        ({"X-Goog-Api-Key": "AIza-a"}, "key=AIza-a", ALL_SLOTS, "AIza-a"),  # any name case
+        ({"x-api-key": "sk-a", "Authorization": "Basic dXNlcg=="}, "", ALL_SLOTS, "sk-a"),
+        # a header outside the dialect's slots is not a credential for its provider
+        ({"x-api-key": "sk-a", "Authorization": "Bearer sk-b"}, "", ("x-api-key",), "sk-a"),
+    ],
+)
+def test_one_credential_in_several_slots(headers: dict[str, str], query: str,
+                                         slots: tuple[str, ...], expected: str) -> None:
+    assert api_key(headers, query, slots) == expected
 
 
 def test_fingerprint_is_stable_and_does_not_contain_the_key() -> None:
@@ -61,3 +102,16 @@ def test_user_resolution_order() -> None:
     assert resolve_user(None, {}, None, "", "1.2.3.4") == ("1.2.3.4", "ip")
     # Hostile values are not accepted as user ids (they become limit scopes and log fields).
     assert resolve_user(None, {"X-User-ID": "a b\n"}, "x" * 500, "", "ip") == ("ip", "ip")
+
+
+def test_user_sources_are_configurable() -> None:
+    headers = {"X-User-ID": "hdr"}
+    everything = ("path", headers, "body", "llm_user_id=q", "1.2.3.4", "fp_0123456789abcdef")
+    assert resolve_user(*everything, sources=("key", "ip")) == ("fp_0123456789abcdef", "key")
+    assert resolve_user(*everything, sources=("query", "path")) == ("q", "query")
+    assert resolve_user(*everything, sources=("ip",)) == ("1.2.3.4", "ip")
+    assert resolve_user(*everything, sources=()) == (None, None)
+    # a source that names nobody passes on to the next one
+    assert resolve_user(None, {}, None, "", "1.2.3.4", None, ("path", "key", "header")) \
+        == (None, None)
+    assert resolve_user(None, {}, None, "", "1.2.3.4", None, ("key", "ip")) == ("1.2.3.4", "ip")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +204,24 @@ def test_lookups_are_remembered_but_not_for_oversized_names(table: PricingTable)
     huge = "gpt-4o-mini" + "x" * 2_000_000  # a client can send any model name
     assert table.lookup("openai", huge) is None
     assert len(table._found) == held  # looked up, not kept
+
+
+@pytest.mark.parametrize("model", [
+    "x" + "-001" * 4_000,  # 16 KB of snapshot suffixes: seconds of CPU when stripped one by one
+    "gpt-4o" + "-2024-08-06" * 2_000,
+    "gemini-2.5-flash" + "-preview" * 3_000,
+    "x" * 2_000_000,
+])
+def test_lookup_of_a_hostile_name_is_cheap(table: PricingTable, model: str) -> None:
+    """Clients choose model names: a lookup costs microseconds whatever they send."""
+    started = time.perf_counter()
+    assert table.lookup("gemini", model) is None
+    assert table.lookup("gemini", model[:200]) is None
+    assert time.perf_counter() - started < 0.05
+
+
+def test_names_up_to_the_bound_still_resolve_their_snapshots(table: PricingTable) -> None:
+    assert table.lookup("gemini", "gemini-2.5-flash-preview-09-2025") is not None
+    assert table.lookup("gemini", "gemini-2.0-flash-001") is not None
+    assert table.lookup("openai", "gpt-4o-2024-08-06") is not None
+    assert table.lookup("openai", "gpt-4o" + "-2024-08-06" * 2) is not None

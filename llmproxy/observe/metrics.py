@@ -34,6 +34,7 @@ from ..config import MetricsSettings
 from ..exchange import Exchange, Outcome
 from ..pricing import PricingTable
 from ..providers import DIALECTS
+from .records import MAX_FIELD_CHARS
 
 # The *_created series double the output and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -41,7 +42,6 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 EXTENSION_KEY = "llmproxy.metrics"
 OTHER = "other"
 UNKNOWN = "unknown"
-MAX_LABEL_LENGTH = 128
 
 # 5 ms (a cached small answer) up to 10 min (a long reasoning stream).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -69,6 +69,9 @@ RATELIMIT_DENIALS = Counter("llmproxy_ratelimit_denials", "Requests denied by a 
                             ["scope", "metric"])
 RATELIMIT_BACKEND_ERRORS = Counter("llmproxy_ratelimit_backend_errors",
                                    "Rate-limit store failures (the request went on per on_error).")
+RATELIMIT_EVICTIONS = Counter(
+    "llmproxy_ratelimit_evictions",
+    "Rate-limit counters the memory backend forgot at its cap (memory.max_counters).")
 RECORDS_DROPPED = Counter("llmproxy_usage_records_dropped",
                           "Usage records not written: queue_full, write_error, closed.",
                           ["reason"])
@@ -86,6 +89,10 @@ def record_ratelimit_denial(scope_kind: str, metric: str, window: str) -> None:
 
 def record_ratelimit_backend_error(operation: str, action: str) -> None:
     RATELIMIT_BACKEND_ERRORS.inc()
+
+
+def record_ratelimit_evictions(count: int) -> None:
+    RATELIMIT_EVICTIONS.inc(count)
 
 
 def record_dropped_usage_record(reason: str) -> None:
@@ -107,7 +114,8 @@ def _child(metric: Any, *labels: str) -> Any:
 
 class ModelLabels:
     """Bounds the ``model`` label: names in the pricing table always count as themselves;
-    the first ``limit`` other names seen by this process too; every later one is ``other``."""
+    the first ``limit`` other names seen by this process too, if not longer than a record
+    field (:data:`~llmproxy.observe.records.MAX_FIELD_CHARS`); any other is ``other``."""
 
     def __init__(self, pricing: PricingTable, limit: int) -> None:
         self._pricing = pricing
@@ -123,7 +131,7 @@ class ModelLabels:
         with self._lock:
             if model in self._seen:
                 return model
-            if len(self._seen) < self._limit and len(model) <= MAX_LABEL_LENGTH:
+            if len(self._seen) < self._limit and len(model) <= MAX_FIELD_CHARS:
                 self._seen.add(model)
                 return model
         return OTHER

@@ -34,6 +34,10 @@ from ..exchange import Exchange
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_SIZE = 10_000
+#: Longest text a record field holds. Model names, user ids, paths and the provider's ids are
+#: chosen by others; longer ones are cut here, the one builder of access and usage records,
+#: so a 2 MiB model name makes a 256-character field, not a 2 MiB log line.
+MAX_FIELD_CHARS = 256
 _ERROR_LOG_INTERVAL = 60.0
 
 
@@ -46,6 +50,13 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
+def cut(text: str | None) -> str | None:
+    """``text``, or its first :data:`MAX_FIELD_CHARS` characters ending in "…" when longer."""
+    if text is None or len(text) <= MAX_FIELD_CHARS:
+        return text
+    return text[:MAX_FIELD_CHARS - 1] + "\u2026"
+
+
 def record_of(ex: Exchange) -> dict[str, Any]:
     """The one record of a finished exchange, written to the access log and the usage file:
     what was called, by whom, how it ended, what it used (never a key or a request body)."""
@@ -54,12 +65,12 @@ def record_of(ex: Exchange) -> dict[str, Any]:
         "ts": _iso(ex.started_wall + (ex.duration or 0.0)),
         "started_at": _iso(ex.started_wall),
         "request_id": ex.request_id,
-        "method": ex.method,
-        "path": ex.path,
+        "method": cut(ex.method),
+        "path": cut(ex.path),
         "provider": ex.provider,
         "dialect": ex.dialect,
-        "model": ex.model,
-        "response_model": ex.meta.model,
+        "model": cut(ex.model),
+        "response_model": cut(ex.meta.model),
         "status": ex.status,
         "outcome": ex.outcome,
         "error_kind": ex.error_kind,
@@ -72,13 +83,13 @@ def record_of(ex: Exchange) -> dict[str, Any]:
         "cached_tokens": usage.cached_tokens,
         "cache_creation_tokens": usage.cache_creation_tokens,
         "reasoning_tokens": usage.reasoning_tokens,
-        "finish_reason": ex.meta.finish_reason,
-        "user": ex.user,
+        "finish_reason": cut(ex.meta.finish_reason),
+        "user": cut(ex.user),
         "user_source": ex.user_source,
         "key_fingerprint": ex.key_fingerprint,
         "request_bytes": ex.request_bytes,
         "response_bytes": ex.response_bytes,
-        "upstream_request_id": ex.meta.response_id,
+        "upstream_request_id": cut(ex.meta.response_id),
         "cost_usd": ex.cost_usd,
     }
 

@@ -31,6 +31,8 @@ __all__ = ["RateLimit", "build_store", "get_ratelimit", "memory_worker_warning"]
 DeniedListener = Callable[[str, str, str], None]
 #: ``on_backend_error(operation, action)``: reserve|reconcile; open|closed|none.
 BackendErrorListener = Callable[[str, str], None]
+#: ``on_evicted(count)``: counters the memory backend forgot to stay under its cap.
+EvictionListener = Callable[[int], None]
 
 log = logging.getLogger("llmproxy.ratelimit")
 EXTENSION_KEY = "llmproxy.ratelimit"
@@ -52,8 +54,10 @@ def memory_worker_warning(settings: RateLimitSettings,
 
 
 def build_store(settings: RateLimitSettings,
-                on_lost: Callable[[StoreError], None] | None = None) -> Store:
-    """The configured backend; ``on_lost`` hears of deferred corrections Redis refused."""
+                on_lost: Callable[[StoreError], None] | None = None,
+                on_evicted: EvictionListener | None = None) -> Store:
+    """The configured backend; ``on_lost`` hears of deferred corrections Redis refused,
+    ``on_evicted`` of counters the memory backend forgot at its cap."""
     if settings.backend == "redis":
         from .redis import RedisStore, connect
 
@@ -61,7 +65,7 @@ def build_store(settings: RateLimitSettings,
         return RedisStore(client, settings.redis.key_prefix,
                           reconcile_delay=settings.redis.reconcile_delay_ms / 1000,
                           on_lost=on_lost)
-    return MemoryStore()
+    return MemoryStore(max_counters=settings.memory.max_counters, on_evict=on_evicted)
 
 
 class _Throttled:
@@ -89,13 +93,17 @@ class RateLimit:
 
     def __init__(self, settings: RateLimitSettings, store: Store | None = None, *,
                  on_denied: DeniedListener | None = None,
-                 on_backend_error: BackendErrorListener | None = None) -> None:
+                 on_backend_error: BackendErrorListener | None = None,
+                 on_evicted: EvictionListener | None = None) -> None:
         self.settings = settings
         self._on_denied = on_denied
         self._on_backend_error = on_backend_error
+        self._on_evicted = on_evicted
         self._warn_reserve = _Throttled()
         self._warn_reconcile = _Throttled()
-        self.store = store if store is not None else build_store(settings, self.reconcile_lost)
+        self._warn_evicted = _Throttled()
+        self.store = store if store is not None else build_store(
+            settings, self.reconcile_lost, self.counters_evicted)
         self.limiter = Limiter(settings, self.store)
 
     def install(self, app: Flask, on_finish: Callable[[FinishListener], Any]) -> None:
@@ -194,6 +202,15 @@ class RateLimit:
         self._warn_reconcile.warn("rate-limit reconciliation skipped, backend "
                                   "unavailable (%s)", exc)
 
+
+    def counters_evicted(self, count: int) -> None:
+        """The memory backend hit its cap: count the forgotten counters, warn (throttled)."""
+        if self._on_evicted is not None:
+            self._on_evicted(count)
+        self._warn_evicted.warn(
+            "rate-limit memory backend full (memory.max_counters=%d): the least recently "
+            "charged counters are forgotten and their scopes start again from zero",
+            self.settings.memory.max_counters)
 
     def _backend_error(self, operation: str, action: str) -> None:
         if self._on_backend_error is not None:

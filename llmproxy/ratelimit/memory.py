@@ -1,4 +1,10 @@
-"""In-process counter store: exact within one process, bounded memory."""
+"""In-process counter store: exact within one process, bounded memory.
+
+Memory is bounded twice: counters whose usage has left the window are dropped, and at most
+``max_counters`` are kept, so that a flood of distinct users or keys cannot grow the worker.
+Past the cap the least recently charged counters are forgotten (their scopes start again
+from zero), and ``on_evict`` hears how many.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..config import DEFAULT_MAX_COUNTERS
 from .store import Adjustment, CounterSpec, CounterState, Decision, fits, retry_after
 
 
@@ -17,6 +24,7 @@ class _Counter:
     granularity: int
     span: int
     total: int = 0
+    charged_at: float = 0.0  # clock time of the last charge to the current bucket
     # bucket index -> amount. Only the current bucket is ever inserted, so keys are in
     # ascending order and the first item is the oldest bucket.
     buckets: OrderedDict[int, int] = field(default_factory=OrderedDict)
@@ -55,11 +63,20 @@ class _Counter:
 _Table = OrderedDict[str, _Counter]
 
 
+def _front_charged_at(table: _Table) -> float:
+    """When the first (least recently charged) counter of ``table`` was last charged."""
+    return next(iter(table.values())).charged_at
+
+
 class MemoryStore:
     """Counters in dicts guarded by a lock; nothing inside the lock can yield to gevent."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *,
+                 max_counters: int = DEFAULT_MAX_COUNTERS,
+                 on_evict: Callable[[int], None] | None = None) -> None:
         self.clock = clock
+        self.max_counters = max_counters
+        self._on_evict = on_evict
         self._lock = threading.Lock()
         self._tables: dict[tuple[int, int], _Table] = {}
 
@@ -81,6 +98,24 @@ class MemoryStore:
                     break
                 del table[key]
 
+    def _bound(self) -> int:
+        """Forget the least recently charged counters beyond ``max_counters``; how many.
+
+        Each table is in order of last charge, so the oldest counter of all is at the front
+        of one of them.
+        """
+        excess = sum(len(t) for t in self._tables.values()) - self.max_counters
+        evicted = 0
+        while evicted < excess:
+            oldest = min((t for t in self._tables.values() if t), key=_front_charged_at)
+            oldest.popitem(last=False)
+            evicted += 1
+        return evicted
+
+    def _evicted(self, count: int) -> None:
+        if count and self._on_evict is not None:
+            self._on_evict(count)
+
     def _lookup(self, table: _Table, key: str, granularity: int, span: int,
                 now: float) -> _Counter:
         counter = table.get(key)
@@ -90,15 +125,23 @@ class MemoryStore:
         return counter
 
     @staticmethod
-    def _store(table: _Table, key: str, counter: _Counter, newest: bool) -> None:
+    def _store(table: _Table, key: str, counter: _Counter, newest: bool, now: float) -> None:
         if not counter.buckets:
             table.pop(key, None)
-        elif key not in table:
+            return
+        if newest:
+            counter.charged_at = now
+        if key not in table:
             table[key] = counter
         elif newest:
             table.move_to_end(key)
 
     def reserve(self, specs: Sequence[CounterSpec]) -> Decision:
+        decision, evicted = self._reserve(specs)
+        self._evicted(evicted)  # outside the lock: the listener may log
+        return decision
+
+    def _reserve(self, specs: Sequence[CounterSpec]) -> tuple[Decision, int]:
         with self._lock:
             now = self.clock()
             self._sweep(now)
@@ -115,15 +158,19 @@ class MemoryStore:
                     if spec.cost > 0:
                         counter.add(index, spec.cost)
                     charged[spec.key] = index
-                    self._store(table, spec.key, counter, newest=True)
+                    self._store(table, spec.key, counter, True, now)
                 elif not fits(spec, counter.total):
                     wait = retry_after(spec, counter.total, counter.buckets.items(), now)
                 states.append(CounterState(counter.total, wait, counter.reset_after(now)))
-            return Decision(ok, charged, states)
+            return Decision(ok, charged, states), self._bound() if ok else 0
 
     def adjust(self, adjustments: Sequence[Adjustment]) -> None:
+        self._evicted(self._adjust(adjustments))
+
+    def _adjust(self, adjustments: Sequence[Adjustment]) -> int:
         with self._lock:
             now = self.clock()
+            self._sweep(now)
             for adj in adjustments:
                 if adj.delta == 0:
                     continue
@@ -132,12 +179,13 @@ class MemoryStore:
                 current = math.floor(now / adj.granularity)
                 if adj.bucket in counter.buckets and adj.bucket > current - adj.span:
                     counter.add(adj.bucket, adj.delta)
-                    self._store(table, adj.key, counter, newest=adj.bucket == current)
+                    self._store(table, adj.key, counter, adj.bucket == current, now)
                 elif adj.delta > 0:
                     # The reserved bucket left the window (or never held anything): charge
                     # the excess now, which counts it a little longer, never shorter.
                     counter.add(current, adj.delta)
-                    self._store(table, adj.key, counter, newest=True)
+                    self._store(table, adj.key, counter, True, now)
+            return self._bound()
 
     def ping(self) -> None:
         """Always answers: it is this process's memory."""

@@ -19,7 +19,7 @@ from .store import Adjustment, CounterSpec, CounterState, Store
 # (name, seconds, bucket granularity in seconds). One-second buckets make Retry-After exact to
 # the second for the minute window; one-minute buckets keep a day counter to <= 1441 fields.
 WINDOWS = (("minute", 60, 1), ("day", 86400, 60))
-_TEMPLATE_CACHE_SIZE = 10_000
+_TEMPLATE_CACHE_SIZE = 1024  # ~1 KB each; user and key scopes are unbounded sets
 _SAFE_ID = re.compile(r"^[\w.@:+\-/]{1,128}$")
 # Scope and Check are built per request and never changed: plain slotted dataclasses, like
 # the store's records (see store.py for why not frozen).

@@ -13,6 +13,7 @@ the worker keeps serving, not the shape.
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 import re
 import socket
@@ -22,6 +23,8 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import pytest
@@ -267,8 +270,9 @@ def test_deeply_nested_json_is_inspected_safely(proxy: ProxyProcess,
 def test_body_over_limit_by_content_length_is_413(hp: Harness, dialect: str) -> None:
     body = b'{"model": "m", "messages": [{"role": "user", "content": "' \
         + b"x" * (2 * MAX_BODY) + b'"}]}'
+    # Gemini reads ?key= too: one credential there, not a second one in a header (a 400).
     data, rid = hp.request("POST", f"/{dialect}{ROUTES[dialect]}?key={hp.key()}",
-                           dialect=dialect, body=body)
+                           dialect="none" if dialect == "gemini" else dialect, body=body)
     proxy_error(parse_one(hp.send(data), "POST"), dialect, 413)
     assert hp.fake.requests == []
     assert hp.proxy.wait_record(rid)["status"] == 413
@@ -633,7 +637,7 @@ def test_odd_methods_and_targets_are_never_forwarded(hp: Harness, line: str,
 def test_absolute_form_target_uses_only_its_path(hp: Harness) -> None:
     key = hp.key("gemini")
     data, rid = hp.request("GET", f"http://evil.example/gemini/v1beta/models?key={key}",
-                           dialect="gemini")
+                           dialect="none")  # the key in the query only: one credential
     assert parse_one(hp.send(data)).status == 200
     assert hp.fake.last.target == f"/v1beta/models?key={key}"
     assert "REDACTED" in hp.proxy.wait_record(rid)["path"]
@@ -830,3 +834,327 @@ def test_gunicorn_error_pages_do_not_echo_keys(hp: Harness, case: str) -> None:
     assert out.startswith(b"HTTP/1.1 400")
     assert key not in out.decode("utf-8", "replace"), "the key was echoed in the error page"
     hp.keep(out)
+
+
+# -- a proxy that limits and records: work, identity and users under hostile input -----------
+
+GUARD_KEY_LIMIT = 3  # requests a minute per API key on the guarded proxy
+CUT = 256  # README "Security": client-chosen strings are cut to this in records and labels
+LINE_MAX = 4096  # a whole record (~30 fields, seven of them up to CUT) stays under this
+# /health while the flood arrives: its median must stay under HEALTH_P50 and no answer may
+# take HEALTH_MAX (seconds). Idle, a 2 MB body costs the worker ~20 ms of CPU (JSON parse,
+# hashing the model scope); the machine is shared, so the bounds are generous on purpose.
+HEALTH_P50 = 0.1
+HEALTH_MAX = 1.0
+
+
+@dataclass
+class Guarded:
+    proxy: ProxyProcess
+    records: Path  # the usage-record file
+
+    def usage_lines_of(self, rid: str, timeout: float = 5.0) -> list[str]:
+        """The usage-record lines of ``rid`` (written by the worker's writer thread)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.records.read_text() if self.records.exists() else ""
+            found = [line for line in text.splitlines() if rid in line]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)  # the file is written by another process: poll it
+
+
+@pytest.fixture(scope="module")
+def guarded(proxy_launcher: ProxyLauncher,
+            tmp_path_factory: pytest.TempPathFactory) -> Guarded:
+    """One worker (so "the same worker" holds), the memory rate limiter with a per-key
+    limit, usage records on, and only the key or the client address may name the user."""
+    records = tmp_path_factory.mktemp("records") / "usage.jsonl"
+    proxy = proxy_launcher(config={
+        "server": {"user_sources": ["key", "ip"]},
+        "usage_records": {"enabled": True, "path": str(records)},
+        "features": {"rate_limiting": {
+            "enabled": True, "backend": "memory",
+            "scope_limits": {"key": {"requests_per_minute": GUARD_KEY_LIMIT}}}},
+    }, workers=1)
+    return Guarded(proxy, records)
+
+
+def _raw(port: int, method: str, target: str, headers: str = "", body: bytes = b"",
+         timeout: float = 10.0) -> tuple[Answer, str]:
+    """One raw request (headers exactly as given, CRLF-terminated) on its own connection."""
+    rid = "guard-" + uuid.uuid4().hex
+    head = (f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Request-ID: {rid}\r\n"
+            f"{headers}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    out = send_raw(port, head.encode("latin-1") + body, timeout=timeout)
+    return parse_one(out, method), rid
+
+
+def _log_line_of(proxy: ProxyProcess, rid: str) -> str:
+    lines = [line for line in proxy.log_lines() if rid in line and '"outcome"' in line]
+    assert len(lines) == 1, f"expected one access record line for {rid}, got {len(lines)}"
+    return lines[0]
+
+
+class _HealthPoller(threading.Thread):
+    """GET /health back to back on its own connection, timing each answer."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.times: list[float] = []
+        self.failures: list[str] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        with requests.Session() as session:
+            while not self.done.is_set():
+                started = time.monotonic()
+                try:
+                    status = session.get(self.url + "/health", timeout=5).status_code
+                except requests.RequestException as exc:
+                    self.failures.append(type(exc).__name__)
+                    continue
+                self.times.append(time.monotonic() - started)
+                if status != 200:
+                    self.failures.append(str(status))
+                self.done.wait(0.01)  # pacing between polls, not synchronisation
+
+    def stop(self) -> list[float]:
+        self.done.set()
+        self.join(10)
+        return sorted(self.times)
+
+
+def test_huge_client_strings_cost_little_and_are_cut(guarded: Guarded,
+                                                     fake_upstream: FakeUpstream,
+                                                     secrets: Secrets) -> None:
+    """Model names made of snapshot suffixes ("x-001-001..."), 16 KB to 2 MB, sent without a
+    key (forwarded; the answer names no model) and with a key over its limit (denied), plus
+    huge user ids and a huge Gemini path model: /health on the same worker keeps answering
+    fast meanwhile, the worker is never restarted, and no record, log line or metric label
+    grows with the input."""
+    proxy = guarded.proxy
+    workers = worker_pids(_pid(proxy))
+    key = secrets.new("openai")
+    auth = f"Authorization: Bearer {key}\r\n"
+    chat = b'{"model": "' + MODEL.encode() + b'", "messages": []}'
+    for _ in range(GUARD_KEY_LIMIT):  # use up the key's minute: its next calls are denied
+        assert _raw(proxy.port, "POST", "/openai/v1/chat/completions", auth, chat)[0].status \
+            == 200
+    cases: list[tuple[str, str, bytes, int]] = []  # target, headers, body, expected status
+    for repeats in (4_000, 16_000, 500_000):  # model names of 16 KB, 64 KB and 2 MB
+        body = json.dumps({"model": "x" + "-001" * repeats, "messages": []}).encode()
+        cases.append(("/openai/v1/files", "", body, 200))
+        cases.append(("/openai/v1/chat/completions", auth, body, 429))
+    cases += [
+        ("/openai/v1/files", f"X-User-ID: {'u' * 8000}\r\n", b"{}", 200),
+        (f"/openai/v1/files?llm_user_id={'u' * 3000}", "", b"{}", 200),
+        (f"/meta/{'u' * 3000}/openai/v1/files", "", b"{}", 200),
+        # the provider does not know the model: its 404 names none, the path's is priced
+        (f"/gemini/v1beta/models/x{'-001' * 900}:embedContent", "", b"{}", 404),
+        ("/openai/v1/files", "", json.dumps({"user": "u" * 1_000_000}).encode(), 200),
+    ]
+    poller = _HealthPoller(proxy.url)
+    poller.start()
+    sent: list[str] = []
+    try:
+        for target, headers, body, expected in cases:
+            answer, rid = _raw(proxy.port, "POST", target, headers, body, timeout=30)
+            assert answer.status == expected, (target[:60], answer.status, answer.body[:200])
+            sent.append(rid)
+    finally:
+        times = poller.stop()
+    assert not poller.failures, poller.failures
+    assert len(times) >= 10, f"only {len(times)} /health answers"
+    p50 = times[len(times) // 2]
+    print(f"/health during the flood: p50 {p50 * 1000:.1f} ms, max {times[-1] * 1000:.1f} ms "
+          f"over {len(times)} polls")
+    assert p50 < HEALTH_P50 and times[-1] < HEALTH_MAX, \
+        f"/health p50 {p50:.4f} s, max {times[-1]:.4f} s over {len(times)} polls"
+    assert worker_pids(_pid(proxy)) == workers, "the worker was restarted"
+    for rid in sent:
+        record = proxy.wait_record(rid)
+        for name, value in record.items():
+            assert not isinstance(value, str) or len(value) <= CUT, (name, len(value))
+        assert len(_log_line_of(proxy, rid)) < LINE_MAX
+        usage = guarded.usage_lines_of(rid)
+        assert len(usage) == 1 and len(usage[0]) < LINE_MAX, [len(u) for u in usage]
+    metrics = requests.get(proxy.url + "/metrics", timeout=5).text
+    assert max(len(line) for line in metrics.splitlines()) < 2 * CUT
+    log = proxy.log_text()
+    assert "Traceback" not in log and "WORKER TIMEOUT" not in log
+    assert not secrets.found_in(log)
+
+
+def _anthropic_call(real: str, junk: str) -> tuple[str, str, bytes]:
+    return ("/anthropic/v1/messages",
+            f"x-api-key: {real}\r\nanthropic-version: 2023-06-01\r\n"
+            f"Authorization: Bearer {junk}\r\nConnection: authorization\r\n",
+            b'{"model": "' + MODEL.encode() + b'", "max_tokens": 5, "messages": []}')
+
+
+def _gemini_call(real: str, junk: str) -> tuple[str, str, bytes]:
+    return (f"/gemini/v1beta/models/{MODEL}:generateContent?key={real}",
+            f"x-goog-api-key: {junk}\r\nConnection: x-goog-api-key\r\n", b"{}")
+
+
+@pytest.mark.parametrize("build", [_anthropic_call, _gemini_call], ids=["anthropic", "gemini"])
+def test_the_key_charged_is_the_key_forwarded(guarded: Guarded, fake_upstream: FakeUpstream,
+                                              secrets: Secrets, build: Any) -> None:
+    """A made-up credential in a header the client lists in ``Connection:`` never reaches
+    the provider, which authenticates with the other one: that other one is what limits,
+    records and fingerprints must count, whatever the made-up one says each time."""
+    dialect = "anthropic" if build is _anthropic_call else "gemini"
+    real = secrets.new(dialect)
+    statuses = []
+    for _ in range(GUARD_KEY_LIMIT + 2):
+        target, headers, body = build(real, secrets.new(dialect))
+        fake_upstream.reset()
+        answer, rid = _raw(guarded.proxy.port, "POST", target, headers, body)
+        statuses.append(answer.status)
+        record = guarded.proxy.wait_record(rid)
+        assert record["key_fingerprint"] == fingerprint(real), "charged to a made-up key"
+        if answer.status == 200:
+            sent = fake_upstream.last
+            if dialect == "anthropic":
+                assert sent.header("x-api-key") == real
+                assert "authorization" not in sent.header_names()
+            else:
+                assert sent.query.get("key") == [real]
+                assert "x-goog-api-key" not in sent.header_names()
+        else:
+            assert fake_upstream.requests == []
+    assert statuses == [200] * GUARD_KEY_LIMIT + [429] * 2, statuses
+    assert not secrets.found_in(guarded.proxy.log_text())
+
+
+# (dialect, target, headers) with {a} and {b} for two different keys
+TWO_CREDENTIALS = {
+    "anthropic x-api-key and bearer": (
+        "anthropic", "/anthropic/v1/messages",
+        "x-api-key: {a}\r\nAuthorization: Bearer {b}\r\nanthropic-version: 2023-06-01\r\n"),
+    "anthropic two x-api-key": ("anthropic", "/anthropic/v1/messages",
+                                "x-api-key: {a}\r\nx-api-key: {b}\r\n"),
+    "openai two bearer": ("openai", "/openai/v1/chat/completions",
+                          "Authorization: Bearer {a}\r\nAuthorization: Bearer {b}\r\n"),
+    "gemini query and header": ("gemini", f"/gemini/v1beta/models/{MODEL}:generateContent"
+                                "?key={a}", "x-goog-api-key: {b}\r\n"),
+    "gemini query and bearer": ("gemini", f"/gemini/v1beta/models/{MODEL}:generateContent"
+                                "?key={a}", "Authorization: Bearer {b}\r\n"),
+    "gemini two query keys": ("gemini", f"/gemini/v1beta/models/{MODEL}:generateContent"
+                              "?key={a}&key={b}", ""),
+    "gemini encoded query name": ("gemini", f"/gemini/v1beta/models/{MODEL}:generateContent"
+                                  "?key={a}&%6Bey={b}", ""),
+}
+
+
+@pytest.mark.parametrize("case", list(TWO_CREDENTIALS))
+def test_two_different_credentials_are_refused(guarded: Guarded, fake_upstream: FakeUpstream,
+                                               secrets: Secrets, case: str) -> None:
+    dialect, target, headers = TWO_CREDENTIALS[case]
+    a, b = secrets.new(dialect), secrets.new(dialect)
+    answer, rid = _raw(guarded.proxy.port, "POST", target.format(a=a, b=b),
+                       headers.format(a=a, b=b), b"{}")
+    proxy_error(answer, dialect, 400)
+    assert fake_upstream.requests == [], "a request with two credentials was forwarded"
+    record = guarded.proxy.wait_record(rid)
+    assert record["status"] == 400 and record["key_fingerprint"] is None, record
+    assert record["error_kind"] == "credential_conflict", record
+    # The same credential twice is one credential.
+    answer, rid = _raw(guarded.proxy.port, "POST", target.format(a=a, b=a),
+                       headers.format(a=a, b=a), b"{}")
+    assert answer.status == 200, answer.body[:200]
+    assert guarded.proxy.wait_record(rid)["key_fingerprint"] == fingerprint(a)
+    assert not secrets.found_in(guarded.proxy.log_text())
+
+
+def test_only_the_configured_sources_name_the_user(guarded: Guarded, fake_upstream: FakeUpstream,
+                                                   secrets: Secrets) -> None:
+    """With ``server.user_sources: [key, ip]`` a client cannot pick its user id (and with it
+    the user-scope limits it is charged to): path, header, body and query claims are
+    ignored."""
+    key = secrets.new("openai")
+    claims = ("X-User-ID: victim-h\r\n", "/meta/victim-p", '"user": "victim-b", ',
+              "?llm_user_id=victim-q")
+    target = f"{claims[1]}/openai/v1/chat/completions{claims[3]}"
+    body = ('{' + claims[2] + '"model": "m", "messages": []}').encode()
+    answer, rid = _raw(guarded.proxy.port, "POST", target,
+                       f"Authorization: Bearer {key}\r\n{claims[0]}", body)
+    assert answer.status == 200
+    record = guarded.proxy.wait_record(rid)
+    assert (record["user"], record["user_source"]) == (fingerprint(key), "key"), record
+    answer, rid = _raw(guarded.proxy.port, "POST", target, claims[0], body)
+    assert answer.status == 200
+    record = guarded.proxy.wait_record(rid)
+    assert (record["user"], record["user_source"]) == ("127.0.0.1", "ip"), record
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _many_callers(url: str, first: int, count: int, threads: int = 4) -> list[int]:
+    """One call each from callers ``first`` .. ``first + count - 1``, each with its own user
+    id and its own (made-up) key, on keep-alive connections; the statuses seen."""
+    statuses: list[int] = []
+
+    def run(offset: int) -> None:
+        with requests.Session() as session:
+            for i in range(first + offset, first + count, threads):
+                statuses.append(session.post(
+                    url + "/openai/v1/files", data=b'{"max_tokens": 8}', timeout=10,
+                    headers={"X-User-ID": f"flood-{i}",
+                             "Authorization": f"Bearer made-up-{i}"}).status_code)
+
+    workers = [threading.Thread(target=run, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return statuses
+
+
+MEMORY_CAP = 200  # counters: the memory backend's max_counters in the test below
+WARM_UP = 300  # callers before the first measurement: the store is full after 25
+MANY_CALLERS = 1500  # callers measured: 12,000 counters (~6 MB) without the cap
+RSS_GROWTH_KIB = 3 * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+def test_memory_limiter_stays_bounded_under_a_flood_of_callers(
+        start_proxy: Any, fake_upstream: FakeUpstream) -> None:
+    """Each caller names a new user and a new key: two new scopes of four counters each
+    (requests and tokens, per minute and per day). Past ``memory.max_counters`` the worker
+    forgets the least recently charged counters: its RSS stays where it was, the evictions
+    are counted and the warning is throttled. 100,000 users at the default cap, in a fresh
+    interpreter: tests/ratelimit/test_memory_bound.py."""
+    limits = {"requests_per_minute": 5, "tokens_per_minute": 100_000,
+              "requests_per_day": 50, "tokens_per_day": 1_000_000}
+    proxy = start_proxy(config={"features": {"rate_limiting": {
+        "enabled": True, "backend": "memory", "memory": {"max_counters": MEMORY_CAP},
+        "scope_limits": {"user": limits, "key": limits}}}},
+        workers=1, env={"LOG_LEVEL": "warning"})
+    workers = worker_pids(_pid(proxy))
+    assert workers is not None and len(workers) == 1
+    # Warm-up: the store reaches its cap, the pools and caches their working size.
+    assert set(_many_callers(proxy.url, 0, WARM_UP)) == {200}
+    before = _rss_kib(workers[0])
+    started = time.monotonic()
+    assert set(_many_callers(proxy.url, WARM_UP, MANY_CALLERS)) == {200}
+    elapsed = time.monotonic() - started
+    after = _rss_kib(workers[0])
+    print(f"RSS {before} -> {after} KiB ({after - before:+d}) over {MANY_CALLERS} callers "
+          f"in {elapsed:.1f} s")
+    assert after - before < RSS_GROWTH_KIB, \
+        f"RSS grew {after - before} KiB for {MANY_CALLERS} callers"
+    metrics = requests.get(proxy.url + "/metrics", timeout=5).text
+    evicted = next(float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("llmproxy_ratelimit_evictions_total"))
+    assert evicted == 8 * (WARM_UP + MANY_CALLERS) - MEMORY_CAP
+    warnings = [line for line in proxy.log_lines() if "memory backend full" in line]
+    assert 1 <= len(warnings) <= 2 + elapsed / 10, len(warnings)  # one per 10 s at most
+    assert worker_pids(_pid(proxy)) == workers

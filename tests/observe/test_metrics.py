@@ -176,6 +176,18 @@ def test_model_label_cardinality_is_bounded(app_with: Callable[..., Any], delta:
     assert 'model="cardinality-c"' not in text
 
 
+def test_a_model_label_is_never_longer_than_a_record_field(app_with: Callable[..., Any],
+                                                          delta: Delta) -> None:
+    client = app_with().test_client()
+    other = delta("llmproxy_requests_total", provider="openai", model="other",
+                  status_class="2xx", outcome="completed")
+    resp = post(client, "/openai/v1/chat/completions", {"model": "m" * 257, "messages": []})
+    assert resp.status_code == 200
+    assert other() == 1
+    text = client.get("/metrics").get_data(as_text=True)
+    assert max(len(line) for line in text.splitlines()) < 512
+
+
 def test_in_flight_and_open_streams_follow_the_terminal_event(app_with: Callable[..., Any],
                                                               fake_upstream: FakeUpstream
                                                               ) -> None:
@@ -223,6 +235,9 @@ def test_ratelimit_hooks_count(delta: Delta) -> None:
     metrics.record_ratelimit_denial("user", "tokens", "day")
     metrics.record_ratelimit_backend_error("reserve", "open")
     assert (denied(), errors()) == (2, 1)
+    evicted = delta("llmproxy_ratelimit_evictions_total")
+    metrics.record_ratelimit_evictions(3)
+    assert evicted() == 3
 
 
 def test_metrics_bearer_token(app_with: Callable[..., Any]) -> None:

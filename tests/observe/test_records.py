@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from llmproxy.exchange import Exchange, ResponseMeta, Usage
-from llmproxy.observe.records import UsageRecordSink, record_of
+from llmproxy.observe.records import MAX_FIELD_CHARS, UsageRecordSink, record_of
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
@@ -47,6 +47,22 @@ def test_record_carries_the_terminal_event_without_secrets() -> None:
     assert rec["started_at"] == "2023-11-14T22:13:20.000Z"
     assert rec["duration_ms"] is not None and rec["duration_ms"] >= 0
     assert "AIza-secret-value" not in json.dumps(rec)
+
+
+def test_text_chosen_by_others_is_cut_in_the_record() -> None:
+    huge = "x" + "-001" * 500_000
+    ex = Exchange("rid-2", "POST", "/meta/" + "u" * 3000 + "/openai/v1/files",
+                  provider="openai", dialect="openai", model=huge, user="u" * 5000)
+    ex.meta = ResponseMeta(model=huge, finish_reason=huge, response_id=huge)
+    ex.finish()
+    rec = record_of(ex)
+    for name in ("path", "model", "user", "response_model", "finish_reason",
+                 "upstream_request_id"):
+        assert len(rec[name]) == MAX_FIELD_CHARS and rec[name].endswith("\u2026"), name
+    assert rec["model"].startswith("x-001-001")
+    assert len(json.dumps(rec)) < 20 * MAX_FIELD_CHARS
+    short = record_of(Exchange("rid-3", "GET", "/openai/v1/models", model="m" * MAX_FIELD_CHARS))
+    assert short["model"] == "m" * MAX_FIELD_CHARS  # at the limit: kept whole
 
 
 def test_records_are_written_one_json_line_each(tmp_path: Path) -> None:

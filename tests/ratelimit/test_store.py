@@ -355,3 +355,48 @@ def test_redis_connection_with_an_unread_reply_is_not_reused(redis_server: Redis
     assert conn.can_read() is True  # unread reply: redis-py's pool must not hand it out
     conn.disconnect()
     client.close()
+
+
+def test_memory_store_forgets_the_least_recently_charged_past_its_cap(
+        clock: FakeClock) -> None:
+    evicted: list[int] = []
+    store = MemoryStore(clock, max_counters=100, on_evict=evicted.append)
+    for i in range(100):  # one request each: a minute and a day counter per user
+        assert store.reserve([requests_spec(1, f"user:u{i}:requests:minute"),
+                              tokens_spec(1000, 5, f"user:u{i}:tokens:day", 86400, 60)]).allowed
+        clock.advance(0.1)
+    assert len(store) == 100 and sum(evicted) == 100
+    # the 50 users charged last are still counted; the first 50 are forgotten
+    assert not store.reserve([requests_spec(1, "user:u99:requests:minute")]).allowed
+    assert not store.reserve([requests_spec(1, "user:u50:requests:minute")]).allowed
+    assert store.reserve([requests_spec(1, "user:u49:requests:minute")]).allowed
+    assert sum(evicted) == 101 and len(store) == 100
+
+
+def test_memory_store_keeps_a_counter_in_use(clock: FakeClock) -> None:
+    """A counter charged again moves to the back: a flood of new ones pushes out others."""
+    store = MemoryStore(clock, max_counters=100)
+    busy = requests_spec(1000, "key:busy:requests:minute")
+    charges = 0
+    for i in range(500):
+        clock.advance(0.05)
+        if i % 50 == 0:  # fewer than max_counters other counters in between
+            charges += 1
+            assert store.reserve([busy]).states[0].used == charges
+        assert store.reserve([requests_spec(1, f"user:u{i}:requests:minute")]).allowed
+        assert len(store) <= 100
+    assert store.reserve([busy]).states[0].used == charges + 1
+
+
+def test_memory_store_evictions_reach_the_limiter(clock: FakeClock) -> None:
+    from llmproxy.config import parse_ratelimit
+    from llmproxy.ratelimit import RateLimit
+
+    settings = parse_ratelimit({"features": {"rate_limiting": {
+        "enabled": True, "memory": {"max_counters": 100}}}}, {})
+    counted: list[int] = []
+    limiter = RateLimit(settings, on_evicted=counted.append)
+    assert isinstance(limiter.store, MemoryStore) and limiter.store.max_counters == 100
+    for i in range(150):
+        limiter.store.reserve([requests_spec(1, f"user:u{i}:requests:minute")])
+    assert sum(counted) == 50 and len(limiter.store) == 100
