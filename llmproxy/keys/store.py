@@ -78,22 +78,31 @@ def _reason(exc: BaseException, password: str | None) -> str:
 
 
 def _postgres_url(url: URL) -> tuple[URL, dict[str, Any]]:
-    """``url`` for pg8000, and its connect arguments (TLS from libpq's ``sslmode``)."""
+    """``url`` for pg8000, and its connect arguments (TLS from libpq's ``sslmode``).
+
+    Without ``sslmode`` the connection is plain (``disable``): pg8000's own default tries TLS
+    first and builds a new TLS context, loading every CA certificate, for each connection,
+    which stalls a gevent worker for a good part of a second each time its pool grows. The
+    contexts made here are made once per store.
+    """
     query = dict(url.query)
     mode = query.pop("sslmode", "disable")
     if not isinstance(mode, str) or mode not in _PG_SSLMODES:
         raise KeyStoreError(f"sslmode must be one of {', '.join(_PG_SSLMODES)}")
     if query:
         raise KeyStoreError(f"unsupported database URL parameters: {', '.join(sorted(query))}")
-    args: dict[str, Any] = {}
-    if mode in ("require", "verify-ca", "verify-full"):
+    context: ssl.SSLContext | bool | None
+    if mode == "disable":
+        context = False
+    elif mode in ("allow", "prefer"):
+        context = None  # pg8000: TLS if the server offers it, unverified, else plain
+    else:
         context = ssl.create_default_context()
         if mode != "verify-full":
             context.check_hostname = False
         if mode == "require":  # libpq's meaning: encrypted, certificate not checked
             context.verify_mode = ssl.CERT_NONE
-        args["ssl_context"] = context
-    return url.set(drivername="postgresql+pg8000", query={}), args
+    return url.set(drivername="postgresql+pg8000", query={}), {"ssl_context": context}
 
 
 def _sqlite_engine(url: URL, timeout: float) -> Engine:
