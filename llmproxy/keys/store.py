@@ -27,6 +27,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
+from ..config import PG_SSLMODES
 from . import schema
 from .model import (
     ProxyKey,
@@ -46,7 +47,6 @@ DEFAULT_TIMEOUT = 10.0
 SQLITE_BUSY_MS = 5000  # how long a writer waits for another process's write lock
 # Any constant shared by every llmproxy process: the migration lock's id in PostgreSQL.
 _PG_MIGRATION_LOCK = 0x6C6C6D70  # "llmp"
-_PG_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 class KeyStoreError(Exception):
@@ -87,8 +87,8 @@ def _postgres_url(url: URL) -> tuple[URL, dict[str, Any]]:
     """
     query = dict(url.query)
     mode = query.pop("sslmode", "disable")
-    if not isinstance(mode, str) or mode not in _PG_SSLMODES:
-        raise KeyStoreError(f"sslmode must be one of {', '.join(_PG_SSLMODES)}")
+    if not isinstance(mode, str) or mode not in PG_SSLMODES:
+        raise KeyStoreError(f"sslmode must be one of {', '.join(PG_SSLMODES)}")
     if query:
         raise KeyStoreError(f"unsupported database URL parameters: {', '.join(sorted(query))}")
     context: ssl.SSLContext | bool | None
