@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import yaml
 
@@ -276,6 +276,16 @@ class RateLimitSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Who may call: the caller's own provider key (passthrough) or a proxy key."""
+
+    mode: str = "passthrough"  # passthrough | keys | mixed
+    database_url: str = "sqlite:///data/llmproxy.db"  # may hold a password: never log it
+    admin_token: str = ""  # empty: no /admin
+    key_cache_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Every setting, validated; built once at start-up by :func:`build_settings`."""
 
@@ -288,6 +298,7 @@ class Settings:
     usage_records: UsageRecordSettings
     pricing: PricingSettings
     ratelimit: RateLimitSettings
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
 
 # ------------------------------------------------------------------------- value checks
@@ -644,6 +655,60 @@ def parse_ratelimit(raw: Mapping[str, Any], environ: Mapping[str, str]) -> RateL
     )
 
 
+AUTH_MODES = ("passthrough", "keys", "mixed")
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres", "postgresql+pg8000")
+PG_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+MIN_ADMIN_TOKEN_CHARS = 16
+MAX_KEY_CACHE_SECONDS = 3600.0  # also the longest a revoked key keeps working
+
+
+def _database_url(url: Any) -> None:
+    key = "auth.database_url"  # the URL may carry a password: messages never quote it
+    if not isinstance(url, str) or urlsplit(url).scheme not in DATABASE_SCHEMES:
+        raise ConfigError(key, "must be a sqlite:///<path> or postgresql://... URL")
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        if not parts.path.lstrip("/") or parts.query:
+            raise ConfigError(key, "must name a file: sqlite:///relative/path or "
+                                   "sqlite:////absolute/path")
+        return
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigError(key, "has an invalid port") from None
+    if not parts.hostname:
+        raise ConfigError(key, "must name a host")
+    for name, values in parse_qs(parts.query, keep_blank_values=True).items():
+        if name != "sslmode":
+            raise ConfigError(key, f"unsupported parameter {name!r} (supported: sslmode)")
+        if values[-1] not in PG_SSLMODES:
+            raise ConfigError(key, f"sslmode must be one of {', '.join(PG_SSLMODES)}")
+
+
+def parse_auth(raw: Mapping[str, Any], environ: Mapping[str, str]) -> AuthSettings:
+    """The ``auth`` section: proxy keys, their database and the admin API (docs: README)."""
+    s = _section(raw, "auth")
+    _no_unknown(s, "auth", ("mode", "database_url", "admin_token", "key_cache_seconds"))
+    d = AuthSettings()
+    url = environ.get("LLMPROXY_DATABASE_URL") or s.get("database_url") or d.database_url
+    _database_url(url)
+    token = environ.get("LLMPROXY_ADMIN_TOKEN") or s.get("admin_token") or ""
+    if not isinstance(token, str):
+        raise ConfigError("auth.admin_token", "must be a string")
+    if token and (len(token) < MIN_ADMIN_TOKEN_CHARS or token != token.strip()):
+        raise ConfigError("auth.admin_token", f"must be at least {MIN_ADMIN_TOKEN_CHARS} "
+                                              "characters without surrounding spaces")
+    cache = _number(s.get("key_cache_seconds", d.key_cache_seconds), "auth.key_cache_seconds")
+    if cache > MAX_KEY_CACHE_SECONDS:
+        raise ConfigError("auth.key_cache_seconds", f"must be at most {MAX_KEY_CACHE_SECONDS:g}")
+    return AuthSettings(
+        mode=_choice(s.get("mode", d.mode), "auth.mode", AUTH_MODES),
+        database_url=url,
+        admin_token=token,
+        key_cache_seconds=cache,
+    )
+
+
 def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
     """Validate ``raw`` (the merged YAML); raises :class:`ConfigError` naming the first bad key."""
     env = os.environ if environ is None else environ
@@ -657,6 +722,7 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         usage_records=parse_usage_records(raw),
         pricing=parse_pricing(raw),
         ratelimit=parse_ratelimit(raw, env),
+        auth=parse_auth(raw, env),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from flask import Flask
 
@@ -10,6 +11,9 @@ from .config import Settings
 from .exchange import FinishListener
 from .providers import Provider
 from .upstream import Upstream
+
+if TYPE_CHECKING:  # the store's module loads SQLAlchemy: only when keys are in use
+    from .keys.store import KeyStore
 
 EXTENSION_KEY = "llmproxy"
 
@@ -23,6 +27,8 @@ class ProxyState:
     listeners: list[FinishListener] = field(default_factory=list)
     #: Listeners of every other request (/health, /metrics, unknown routes): the access log.
     other_listeners: list[FinishListener] = field(default_factory=list)
+    #: The proxy-key database, when auth.mode uses keys or the admin API is on.
+    key_store: KeyStore | None = None
 
     def on_finish(self, listener: FinishListener) -> FinishListener:
         """Register a terminal-event listener for provider calls (usable as a decorator)."""
