@@ -13,13 +13,13 @@ import pwd
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pg8000.native
+from services import free_port
 
 START_TIMEOUT = 60
 # "LOG:  statement: ..." (simple protocol) or "LOG:  execute <name>: ..." (extended)
@@ -34,12 +34,6 @@ def find_binary(name: str) -> str | None:
     candidates = glob.glob(f"/usr/lib/postgresql/*/bin/{name}")
     candidates.sort(key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
     return candidates[-1] if candidates else None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run_as() -> pwd.struct_passwd | None:
@@ -62,7 +56,7 @@ class PostgresServer:
         self.initdb = initdb
         self.pg_ctl = pg_ctl
         self.password = "pw-" + secrets.token_urlsafe(12)
-        self.port = _free_port()
+        self.port = free_port()
         self.owner = _run_as()
         # Not under pytest's tmp dir: under root that is private to root, and the server
         # runs as another user.

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import in_ci
 from pg_server import PostgresServer, find_binary
+from services import in_ci
 
 from llmproxy.keys.store import KeyStore
 

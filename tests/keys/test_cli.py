@@ -124,7 +124,7 @@ def test_errors_and_exit_statuses(run: Run) -> None:
 
 
 def test_database_errors_hide_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
-    from conftest import free_port
+    from services import free_port
 
     monkeypatch.setenv("LLMPROXY_DATABASE_URL",
                        f"postgresql://u:hunter2-pw@127.0.0.1:{free_port()}/db")

@@ -205,7 +205,7 @@ def test_ping(store: KeyStore) -> None:
 
 
 def test_unreachable_postgres_is_a_keystore_error_without_the_password() -> None:
-    from conftest import free_port
+    from services import free_port
 
     store = KeyStore.from_url(f"postgresql://u:hunter2-secret@127.0.0.1:{free_port()}/db",
                               timeout=2)

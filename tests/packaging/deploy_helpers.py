@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import PROVIDERS, REPO_ROOT, in_ci, require_binary
+from conftest import PROVIDERS, REPO_ROOT
 from fake_upstream import FakeUpstream
+from services import in_ci, require_binary
 
 # The first start in a fresh virtualenv compiles every module it imports.
 READY_TIMEOUT = 60.0

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port
 from deploy_helpers import (
     check_proxied_calls,
     config_record,
@@ -19,6 +18,7 @@ from deploy_helpers import (
     server_env,
 )
 from fake_upstream import FakeUpstream
+from services import free_port
 
 pytestmark = [pytest.mark.packaging, pytest.mark.e2e]
 
