@@ -27,6 +27,7 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "120"))
 # Idle keep-alive connections are only closed after this many seconds, and a SIGTERM waits
 # for them too: keep it short (raise it above your load balancer's idle timeout if needed).
+# It is also all the time a client gets to send a request's headers (0 would mean forever).
 keepalive = int(os.environ.get("KEEPALIVE", "5"))
 
 # --- Limits --------------------------------------------------------------------------------

@@ -103,6 +103,8 @@ class ServerSettings:
     max_body_bytes: int
     inspect_max_bytes: int
     trusted_proxies: int
+    body_timeout: float = 30.0
+    send_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +353,8 @@ def parse_server(raw: Mapping[str, Any]) -> ServerSettings:
         max_body_bytes=_int(s.get("max_body_bytes"), "server.max_body_bytes", 1),
         inspect_max_bytes=_int(s.get("inspect_max_bytes"), "server.inspect_max_bytes"),
         trusted_proxies=_int(s.get("trusted_proxies"), "server.trusted_proxies"),
+        body_timeout=_number(s.get("body_timeout"), "server.body_timeout", 0, exclusive=True),
+        send_timeout=_number(s.get("send_timeout"), "server.send_timeout", 0, exclusive=True),
     )
 
 
