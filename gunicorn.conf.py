@@ -6,4 +6,11 @@ namespace, so names brought in by import count as if defined here.
 """
 
 from llmproxy.gunicorn_conf import *  # noqa: F403
-from llmproxy.gunicorn_conf import child_exit, on_exit, on_starting, post_fork  # noqa: F401
+from llmproxy.gunicorn_conf import (  # noqa: F401
+    child_exit,
+    on_exit,
+    on_starting,
+    post_fork,
+    post_worker_init,
+    worker_int,
+)

@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 from . import inbound, relay
 from .config import Settings, build_settings, load_raw
 from .errors import error_response
+from .inflight import InFlight
 from .observe import health, logs, metrics, records
 from .pricing import PricingTable
 from .providers import DIALECTS, Provider
@@ -52,7 +53,9 @@ def build_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
                  for name, ps in settings.providers.items()}
     up = settings.upstream
     state = ProxyState(settings=settings, providers=providers,
-                       upstream=Upstream(up.connect_timeout, up.read_timeout, up.pool_maxsize))
+                       upstream=Upstream(up.connect_timeout, up.read_timeout, up.pool_maxsize),
+                       inflight=InFlight(settings.server.body_timeout,
+                                         settings.server.send_timeout))
     app.extensions[EXTENSION_KEY] = state
     pricing = PricingTable(settings.pricing)
 

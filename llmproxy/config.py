@@ -128,6 +128,8 @@ class ServerSettings:
     trusted_proxies: int
     # who may name the user, in order of precedence (identity.resolve_user)
     user_sources: tuple[str, ...] = DEFAULT_USER_SOURCES
+    body_timeout: float = 30.0
+    send_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +416,8 @@ def parse_server(raw: Mapping[str, Any]) -> ServerSettings:
         inspect_max_bytes=_int(s.get("inspect_max_bytes"), "server.inspect_max_bytes"),
         trusted_proxies=_int(s.get("trusted_proxies"), "server.trusted_proxies"),
         user_sources=_user_sources(s.get("user_sources"), "server.user_sources"),
+        body_timeout=_number(s.get("body_timeout"), "server.body_timeout", 0, exclusive=True),
+        send_timeout=_number(s.get("send_timeout"), "server.send_timeout", 0, exclusive=True),
     )
 
 

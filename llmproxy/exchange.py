@@ -1,11 +1,12 @@
 """One proxied request from arrival to its single terminal event.
 
 Every request that reaches a provider route gets an :class:`Exchange`. Exactly one
-terminal event fires for it (``completed``, ``client_aborted`` or ``upstream_error``),
-however the response ends: the relay's stream generator, or the WSGI server closing a
-response that was never iterated. Pricing, logging, rate-limit reconciliation, metrics and
-provider health all listen to that one event, so none of them can count a request twice
-or miss it.
+terminal event fires for it (``completed``, ``client_aborted``, ``upstream_error`` or
+``shutdown``), however the response ends: the relay's stream generator, the WSGI server
+closing a response that was never iterated, or the worker ending calls still running when
+it has to stop (:mod:`llmproxy.inflight`). Pricing, logging, rate-limit reconciliation,
+metrics and provider health all listen to that one event, so none of them can count a
+request twice or miss it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Outcome(_Word):
     COMPLETED = "completed"  # the response was sent whole (whatever its status)
     CLIENT_ABORTED = "client_aborted"  # the client left before the end
     UPSTREAM_ERROR = "upstream_error"  # the provider could not be reached, timed out or broke
+    SHUTDOWN = "shutdown"  # cut by the worker stopping (graceful timeout, quick shutdown)
 
 
 class ErrorKind(_Word):
@@ -44,6 +46,8 @@ class ErrorKind(_Word):
     TOO_LARGE = "too_large"  # the request body exceeded server.max_body_bytes
     CLIENT_GONE = "client_gone"  # the client left before its body or the answer was complete
     CLIENT_READ = "client_read"  # the client's body could not be read (malformed chunking)
+    BODY_TIMEOUT = "body_timeout"  # the client's body did not arrive within server.body_timeout
+    SEND_TIMEOUT = "send_timeout"  # the client read nothing for server.send_timeout
     TRANSFER_CODING = "transfer_coding"  # an upload coding other than chunked
     RATE_LIMITED = "rate_limited"  # refused by a rate limit (429)
     RATELIMIT_UNAVAILABLE = "ratelimit_unavailable"  # the limiter's store failed, on_error: closed

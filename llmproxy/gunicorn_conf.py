@@ -31,10 +31,12 @@ preload_app = False  # patching must happen in the worker before the app imports
 # --- Timeouts ------------------------------------------------------------------------------
 # With gevent workers `timeout` is only the heartbeat of a stuck worker, not a request limit.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
-# On SIGTERM workers stop accepting and in-flight streams get this long to finish.
+# On SIGTERM workers stop accepting and in-flight streams get this long to finish; a call
+# still running 2 s before the end is cut by the worker and recorded (see post_worker_init).
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "120"))
 # Idle keep-alive connections are only closed after this many seconds, and a SIGTERM waits
 # for them too: keep it short (raise it above your load balancer's idle timeout if needed).
+# It is also all the time a client gets to send a request's headers (0 would mean forever).
 keepalive = int(os.environ.get("KEEPALIVE", "5"))
 
 # --- Limits --------------------------------------------------------------------------------
@@ -106,3 +108,20 @@ def post_fork(server: Any, worker: Any) -> None:
     from gunicorn import util
 
     util.write_error = _write_json_error
+
+
+# --- Shutdown ------------------------------------------------------------------------------
+# The master SIGKILLs a worker still busy graceful_timeout after its SIGTERM, and a call cut
+# that way leaves no usage record, access record or limiter correction. The app cuts such
+# calls itself shortly before and records them (outcome "shutdown"); on SIGINT/SIGQUIT at
+# once. Imported in the worker, after gevent patched it.
+def post_worker_init(worker: Any) -> None:
+    from llmproxy.shutdown import install
+
+    install(worker)
+
+
+def worker_int(worker: Any) -> None:
+    from llmproxy.shutdown import quick
+
+    quick(worker)

@@ -3,13 +3,16 @@
 For a provider route it builds the request's :class:`~llmproxy.exchange.Exchange`: request
 id, the raw target (what is forwarded), the provider, size checks, the credential, the
 client IP, what the dialect reads off the body (model, streaming, user, prompt size) and the
-user id. Bad requests are answered here (404, 413, 400) before anything is forwarded; the
-rate limiter and the relay then work from ``flask.g.exchange``.
+user id. Bad requests are answered here (404, 413, 400, 408) before anything is forwarded;
+the rate limiter and the relay then work from ``flask.g.exchange``. The call is registered
+with the worker's :class:`~llmproxy.inflight.InFlight` (``flask.g.call``) until its response
+is closed.
 """
 
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -19,6 +22,7 @@ from flask import Response, current_app, g, request
 from . import identity
 from .errors import error_response
 from .exchange import ErrorKind, Exchange, Outcome
+from .inflight import BodyTimeout
 from .state import get_state
 from .upstream import request_headers
 
@@ -75,6 +79,7 @@ def prepare() -> Response | None:
     ex = Exchange(rid, request.method, path_for_log, provider=provider.name,
                   dialect=dialect.name, _listeners=tuple(state.listeners))
     g.exchange_any = ex
+    call = g.call = state.inflight.add(ex, request.environ.get("gunicorn.socket"))
     if target.split("/", segments + 1)[segments] != provider.name:
         # Routing saw the decoded path; the raw one is forwarded. An encoded prefix
         # ("/openai%2Fv1/...") would make the two disagree on where <rest> starts.
@@ -110,7 +115,19 @@ def prepare() -> Response | None:
                               f"{settings.max_body_bytes} bytes.", request_id=rid)
     body: bytes | None = None
     if length and length <= settings.inspect_max_bytes:
-        body = request.get_data(cache=True)
+        call.reading = time.monotonic()  # the whole body within server.body_timeout
+        try:
+            body = request.get_data(cache=True)
+        except BodyTimeout:
+            ex.status = 408
+            ex.error_kind = ErrorKind.BODY_TIMEOUT
+            ex.outcome = Outcome.CLIENT_ABORTED
+            out = error_response(dialect, 408, f"The request body did not arrive within "
+                                 f"{settings.body_timeout:g} s.", request_id=rid)
+            out.call_on_close(call.hang_up)
+            return out
+        finally:
+            call.reading = 0.0
         if len(body) < length:
             # gunicorn ends the body at EOF without an error: the client left mid-upload.
             # Forwarding it would hand the provider a truncated request posing as whole.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from flask import Response, current_app, g, request
 from . import identity
 from .errors import error_response
 from .exchange import ErrorKind, Exchange, Outcome
+from .inflight import Call
 from .providers import Provider
 from .state import ProxyState, get_state
 from .streams.reader import ResponseReader
@@ -42,12 +44,13 @@ SMALL_BODY = 1 << 20
 def proxy_view(rest: str, user_id: str | None = None) -> Response:
     """Forward the prepared exchange upstream and relay the answer."""
     ex: Exchange = g.exchange
+    call: Call = g.call
     state = get_state(current_app)
     provider = state.providers[ex.provider or ""]
     body: Any = g.get("body")  # small bodies were read whole by prepare()
     length = request.content_length
     if body is None and length:
-        body = BodyStream(request.stream, length, state.settings.server.max_body_bytes)
+        body = BodyStream(request.stream, length, state.settings.server.max_body_bytes, call)
     elif body is None and "Transfer-Encoding" in request.headers:
         # gunicorn only accepts a Transfer-Encoding that ends in chunked and removes that
         # layer; anything left (gzip, deflate) would reach the provider still coded.
@@ -55,7 +58,7 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
         if [c for c in codings if c] != ["chunked"]:
             return _fail(ex, provider, 501, ErrorKind.TRANSFER_CODING,
                          "Transfer-Encoding other than chunked is not supported.")
-        body = BodyStream(request.stream, None, state.settings.server.max_body_bytes)
+        body = BodyStream(request.stream, None, state.settings.server.max_body_bytes, call)
     headers: dict[str, str] = g.upstream_headers  # the ones the credential was read from
     try:
         resp = _send_watching_client(state, request.method, g.upstream_url, headers, body,
@@ -65,8 +68,13 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
         return _fail(ex, provider, 499, ErrorKind.CLIENT_GONE,
                      "The client closed the connection.")
     except RequestBodyError as exc:
-        if exc.kind == ErrorKind.CLIENT_GONE:
+        if exc.kind in (ErrorKind.CLIENT_GONE, ErrorKind.BODY_TIMEOUT):
             ex.outcome = Outcome.CLIENT_ABORTED
+        if exc.kind == ErrorKind.BODY_TIMEOUT:
+            out = _fail(ex, provider, 408, exc.kind, "The request body did not arrive within "
+                        f"{state.settings.server.body_timeout:g} s.")
+            out.call_on_close(call.hang_up)  # the rest of the body must not pass for a request
+            return out
         too_large = exc.kind == ErrorKind.TOO_LARGE
         return _fail(ex, provider, 413 if too_large else 400, exc.kind,
                      "Request body too large." if too_large
@@ -79,7 +87,7 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
                          f"The {provider.name} API did not answer in time.")
         return _fail(ex, provider, 502, exc.kind, f"The {provider.name} API is unreachable.")
     _count_streamed_upload(ex, body)
-    return _relay(ex, provider, resp, request.environ.get("gunicorn.socket"))
+    return _relay(ex, provider, resp, call)
 
 
 def _count_streamed_upload(ex: Exchange, body: Any) -> None:
@@ -152,7 +160,7 @@ def _fail(ex: Exchange, provider: Provider, status: int, kind: ErrorKind,
     return error_response(provider.dialect, status, message, request_id=ex.request_id)
 
 
-def _relay(ex: Exchange, provider: Provider, resp: requests.Response, client: Any) -> Response:
+def _relay(ex: Exchange, provider: Provider, resp: requests.Response, call: Call) -> Response:
     raw_headers = resp.raw.headers
     ctype = raw_headers.get("Content-Type")
     parser = provider.reader(ex.upstream_path, ctype, raw_headers.get("Content-Encoding"))
@@ -190,7 +198,7 @@ def _relay(ex: Exchange, provider: Provider, resp: requests.Response, client: An
         # sees as a broken response rather than a complete one.
         spliceable = sse and length is None and \
             raw_headers.get("Content-Encoding", "identity").lower() == "identity"
-        out = Response(_stream(ex, provider, resp, parser, spliceable, client),
+        out = Response(_stream(ex, provider, resp, parser, spliceable, call),
                        status=resp.status_code, headers=headers, direct_passthrough=True)
         # A generator that is never started never runs its finally: close on response close too.
         out.call_on_close(resp.close)
@@ -200,24 +208,33 @@ def _relay(ex: Exchange, provider: Provider, resp: requests.Response, client: An
 
 
 def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: ResponseReader,
-            spliceable: bool, client: Any) -> Iterator[bytes]:
+            spliceable: bool, call: Call) -> Iterator[bytes]:
     """Relay the body; on an upstream break, end it with an SSE error event when
     ``spliceable``, else by shutting the client connection down (when the server gave us
-    its socket)."""
+    its socket).
+
+    Each write is marked in ``call.writing`` (the server writes a chunk between our yield
+    and our next resumption), so a client that stops reading is dropped after
+    ``server.send_timeout``; see :mod:`llmproxy.inflight`.
+    """
     outcome = Outcome.COMPLETED
+    client = call.client
     try:
         for chunk in Upstream.iter_raw(resp):
             if ex.ttfb is None:
                 ex.mark_first_byte()
             ex.response_bytes += len(chunk)
             parser.feed(chunk)
+            call.writing = time.monotonic()
             yield chunk
+            call.writing = 0.0
     except UpstreamError as exc:
         outcome = Outcome.UPSTREAM_ERROR
         ex.error_kind = ErrorKind.MIDSTREAM
         log.debug("upstream %s stream broke: %s", ex.provider, identity.redact_query(exc.detail))
         if spliceable:
             message = f"The {provider.name} API connection broke in the middle of the response."
+            call.writing = time.monotonic()
             yield parser.terminator + provider.dialect.stream_error_event(message)
         elif client is not None:
             try:  # gunicorn's next write then fails quietly (ENOTCONN) and it drops the socket
@@ -228,16 +245,23 @@ def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: R
         outcome = Outcome.CLIENT_ABORTED
         raise
     finally:
+        call.writing = time.monotonic()  # the server's last write (the end of the body) follows
         resp.close()
         parser.close()
         ex.finish(outcome)
 
 
 def finish_on_close(response: Response) -> Response:
-    """``after_request``: request id header, and the terminal event for unstreamed answers."""
+    """``after_request``: request id header, the terminal event for unstreamed answers, and
+    the end of the call's registration when the server closes the response."""
     response.headers["X-Proxy-Request-ID"] = g.get("request_id", "")
     ex: Exchange | None = g.get("exchange_any")
     if ex is not None:
         ex.status = response.status_code  # whoever answered (upstream, limiter, error handler)
         response.call_on_close(ex.finish)
+    call: Call | None = g.get("call")
+    if call is not None:
+        if not response.is_streamed:  # the server writes it whole from here to the close
+            call.writing = time.monotonic()
+        response.call_on_close(call.done)
     return response

@@ -1,4 +1,5 @@
-"""Per-app state kept in ``app.extensions``: settings, providers, the upstream client, listeners."""
+"""Per-app state kept in ``app.extensions``: settings, providers, the upstream client, the
+running calls, listeners."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from flask import Flask
 
 from .config import Settings
 from .exchange import FinishListener
+from .inflight import InFlight
 from .providers import Provider
 from .upstream import Upstream
 
@@ -23,6 +25,8 @@ class ProxyState:
     settings: Settings
     providers: dict[str, Provider]
     upstream: Upstream
+    #: The provider calls running in this worker (slow-client deadlines, shutdown).
+    inflight: InFlight
     #: Terminal-event listeners of provider calls, in order (pricing first).
     listeners: list[FinishListener] = field(default_factory=list)
     #: Listeners of every other request (/health, /metrics, unknown routes): the access log.

@@ -6,6 +6,7 @@ Library exceptions (requests, urllib3, socket) are translated here into
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ from urllib3.exceptions import ReadTimeoutError
 from urllib3.util import SKIP_HEADER
 
 from .exchange import ErrorKind
+from .inflight import BodyTimeout, Call
 from .socketpoll import readable_now
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus those the HTTP client must compute itself.
@@ -193,29 +195,41 @@ class RequestBodyError(Exception):
 
     def __init__(self, kind: ErrorKind) -> None:
         super().__init__(str(kind))
-        self.kind = kind  # too_large | client_read | client_gone
+        self.kind = kind  # too_large | client_read | client_gone | body_timeout
 
 
 class BodyStream:
     """The client's request body as a file-like object requests can stream upstream.
 
     ``len`` lets requests send a Content-Length instead of chunked encoding; reading stops
-    with :class:`RequestBodyError` once more than ``limit`` bytes arrived.
+    with :class:`RequestBodyError` once more than ``limit`` bytes arrived, or when one read
+    (urllib3 asks for 16 KiB, which gunicorn returns whole) outlasts ``server.body_timeout``:
+    the sweep of ``call``'s registry ends it (see :mod:`llmproxy.inflight`).
     """
 
-    def __init__(self, stream: Any, length: int | None, limit: int) -> None:
+    def __init__(self, stream: Any, length: int | None, limit: int,
+                 call: Call | None = None) -> None:
         self._stream = stream
         self.len = length or 0
         self._limit = limit
+        self._call = call
         self.read_bytes = 0
 
     def read(self, size: int = READ_SIZE) -> bytes:
         if size is None or size < 0:
             size = READ_SIZE
+        call = self._call
+        if call is not None:
+            call.reading = time.monotonic()
         try:
             data: bytes = self._stream.read(size)
+        except BodyTimeout:
+            raise RequestBodyError(ErrorKind.BODY_TIMEOUT) from None
         except Exception as exc:  # client went away or sent a malformed chunked body
             raise RequestBodyError(ErrorKind.CLIENT_READ) from exc
+        finally:
+            if call is not None:
+                call.reading = 0.0
         self.read_bytes += len(data)
         if not data and self.read_bytes < self.len:
             # EOF before Content-Length bytes: gunicorn returns short reads silently.

@@ -43,6 +43,8 @@ def test_a_provider_can_be_removed_by_an_overlay() -> None:
     [
         ({"upstream": {"read_timeout": "soon"}}, "upstream.read_timeout"),
         ({"server": {"max_body_bytes": -1}}, "server.max_body_bytes"),
+        ({"server": {"body_timeout": 0}}, "server.body_timeout"),
+        ({"server": {"send_timeout": "1m"}}, "server.send_timeout"),
         ({"providers": {"openai": {"base_url": "ftp://x"}}}, "providers.openai.base_url"),
         ({"providers": {"openai": {"base_url": "https://h/?q=1"}}}, "providers.openai.base_url"),
         ({"providers": {"openai": {"dialect": "cohere"}}}, "providers.openai.dialect"),

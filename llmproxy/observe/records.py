@@ -20,6 +20,7 @@ import logging.handlers
 import os
 import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -162,7 +163,21 @@ class _LockedRotatingFileHandler(logging.handlers.RotatingFileHandler):
             self._lock_fd = None
 
 
+class _FlushMark(logging.LogRecord):
+    """Not a record: set by the writer when it reaches it (see UsageRecordSink.flush)."""
+
+    def __init__(self) -> None:
+        super().__init__("llmproxy.records", logging.INFO, "", 0, "", None, None)
+        self.written = threading.Event()
+
+
 class _QueueListener(logging.handlers.QueueListener):
+    def handle(self, record: logging.LogRecord) -> None:
+        if isinstance(record, _FlushMark):
+            record.written.set()
+            return
+        super().handle(record)
+
     def enqueue_sentinel(self) -> None:
         # The stdlib uses put_nowait, which fails on a full queue: wait for the writer instead.
         self.queue.put(self._sentinel)  # type: ignore[attr-defined]
@@ -203,6 +218,21 @@ class UsageRecordSink:
             self._log_error("usage records: queue full, record dropped")
             return False
         return True
+
+    def flush(self, timeout: float = 1.0) -> bool:
+        """Wait until every record queued so far is written; ``False`` after ``timeout`` s.
+
+        A mark queued behind them is seen by the writer once they are written (the queue is
+        FIFO). The sink stays open: records of calls still ending are written as usual.
+        """
+        if self._closed:
+            return True
+        mark = _FlushMark()
+        try:
+            self._queue.put(mark, timeout=timeout)
+        except queue.Full:
+            return False
+        return mark.written.wait(timeout)
 
     def close(self) -> None:
         """Write what is queued, then stop; safe to call twice (atexit and worker_exit)."""

@@ -20,6 +20,9 @@ from .store import Adjustment, CounterSpec, CounterState, Store
 # the second for the minute window; one-minute buckets keep a day counter to <= 1441 fields.
 WINDOWS = (("minute", 60, 1), ("day", 86400, 60))
 _TEMPLATE_CACHE_SIZE = 1024  # ~1 KB each; user and key scopes are unbounded sets
+# Calls that ended before their last byte, by the client or by the worker stopping: what
+# they consumed is charged, as far as it is known.
+_CUT_SHORT = (Outcome.CLIENT_ABORTED, Outcome.SHUTDOWN)
 _SAFE_ID = re.compile(r"^[\w.@:+\-/]{1,128}$")
 # Scope and Check are built per request and never changed: plain slotted dataclasses, like
 # the store's records (see store.py for why not frozen).
@@ -217,8 +220,8 @@ class Limiter:
         token_delta = 0
         if actual is not None:
             token_delta = actual - res.tokens
-        elif ex.outcome == Outcome.CLIENT_ABORTED and (status is None or status < 400):
-            pass  # no usage seen before the client left: the estimate stands
+        elif ex.outcome in _CUT_SHORT and (status is None or status < 400):
+            pass  # no usage seen before the client left (or the worker stopped): estimate stands
         elif status is None or status >= 500:
             # nothing came back from the provider (connect failure, timeout, 5xx): refund all
             request_delta, token_delta = -1, -res.tokens

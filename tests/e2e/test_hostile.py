@@ -16,6 +16,7 @@ import hashlib
 import json
 import posixpath
 import re
+import selectors
 import socket
 import struct
 import threading
@@ -1158,3 +1159,224 @@ def test_memory_limiter_stays_bounded_under_a_flood_of_callers(
     warnings = [line for line in proxy.log_lines() if "memory backend full" in line]
     assert 1 <= len(warnings) <= 2 + elapsed / 10, len(warnings)  # one per 10 s at most
     assert worker_pids(_pid(proxy)) == workers
+# -- slow and silent clients -----------------------------------------------------------------
+
+BODY_TIMEOUT = 3.0
+SEND_TIMEOUT = 2.0
+KEEPALIVE = 2
+HELD = 500  # sockets holding a request whose body never comes
+
+
+@pytest.fixture(scope="module")
+def slow_proxy(proxy_launcher: ProxyLauncher, sink: RawSink) -> ProxyProcess:
+    """One worker with room for many connections, and short body, send and header timeouts."""
+    return proxy_launcher(config={
+        "server": {"body_timeout": BODY_TIMEOUT, "send_timeout": SEND_TIMEOUT},
+        "providers": {"sinkoa": {"base_url": sink.url, "dialect": "openai"}},
+    }, workers=1, env={"WORKER_CONNECTIONS": "2048", "KEEPALIVE": str(KEEPALIVE)})
+
+
+def _worker_rss_kib(proxy: ProxyProcess) -> int:
+    [worker] = worker_pids(_pid(proxy)) or pytest.skip("needs /proc")
+    for line in Path(f"/proc/{worker}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS line")
+
+
+def _chat_ok(proxy: ProxyProcess) -> None:
+    resp = requests.post(f"{proxy.url}/openai/v1/chat/completions", timeout=10,
+                         json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 200, resp.text[:300]
+
+
+def _read_until_closed(socks: dict[socket.socket, str], deadline: float) -> dict[str, bytes]:
+    """Everything each socket receives until the server closes it (or the deadline)."""
+    out = {rid: b"" for rid in socks.values()}
+    with selectors.DefaultSelector() as sel:
+        for sock in socks:
+            sock.setblocking(False)
+            sel.register(sock, selectors.EVENT_READ)
+        while sel.get_map() and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=max(deadline - time.monotonic(), 0.01)):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    piece = sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except ConnectionResetError:
+                    piece = b""
+                if piece:
+                    out[socks[sock]] += piece
+                else:
+                    sel.unregister(sock)
+        left = len(sel.get_map())
+    assert left == 0, f"{left} of {len(socks)} connections still open after the deadline"
+    return out
+
+
+def test_withheld_bodies_get_408_and_do_not_hold_the_worker(slow_proxy: ProxyProcess,
+                                                            fake_upstream: FakeUpstream) -> None:
+    """500 clients announce a 2 MB body and send one byte of it.
+
+    Each is answered 408 in the provider's shape once ``server.body_timeout`` has passed and
+    its connection closed; meanwhile /health and normal calls on the same worker go on, and
+    afterwards the worker's memory is back near where it was.
+    """
+    workers = worker_pids(_pid(slow_proxy))
+    for _ in range(20):
+        _chat_ok(slow_proxy)
+    baseline = _worker_rss_kib(slow_proxy)
+    socks: dict[socket.socket, str] = {}
+    try:
+        for _ in range(HELD):
+            rid = "held-" + uuid.uuid4().hex
+            sock = socket.create_connection(("127.0.0.1", slow_proxy.port), timeout=5)
+            sock.sendall(f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         f"X-Request-ID: {rid}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: 2000000\r\n\r\n{{".encode())
+            socks[sock] = rid
+        sent = time.monotonic()
+        latencies = []
+        while time.monotonic() - sent < BODY_TIMEOUT * 0.6:
+            started = time.monotonic()
+            assert requests.get(f"{slow_proxy.url}/health", timeout=5).status_code == 200
+            latencies.append(time.monotonic() - started)
+        _chat_ok(slow_proxy)
+        held_rss = _worker_rss_kib(slow_proxy)
+        assert time.monotonic() - sent < BODY_TIMEOUT, "too slow to measure within the hold"
+        answers = _read_until_closed(socks, sent + BODY_TIMEOUT + 10)
+        closed = time.monotonic()
+    finally:
+        for sock in socks:
+            sock.close()
+    latencies.sort()
+    median = latencies[len(latencies) // 2]
+    print(f"\n/health under {HELD} held sockets: {len(latencies)} calls, median "
+          f"{median * 1000:.1f} ms, p90 {latencies[len(latencies) * 9 // 10] * 1000:.1f} ms, "
+          f"max {latencies[-1] * 1000:.1f} ms; all {HELD} answered within {closed - sent:.2f} s")
+    # The worst case is a /health queued behind the parsing of the 500 requests' headers.
+    assert median < 0.1 and latencies[-1] < 1.0, (median, latencies[-1])
+    for raw in answers.values():
+        proxy_error(parse_one(raw, "POST"), "openai", 408)
+    assert not [r for r in fake_upstream.requests if "held-" in (r.header("X-Request-ID") or "")]
+    records = {r["request_id"]: r for r in slow_proxy.records()
+               if str(r.get("request_id", "")).startswith("held-")}
+    for rid in answers:
+        assert (records[rid]["status"], records[rid]["outcome"], records[rid]["error_kind"]) \
+            == (408, "client_aborted", "body_timeout"), records[rid]
+    _chat_ok(slow_proxy)
+    after = _worker_rss_kib(slow_proxy)
+    print(f"worker RSS: baseline {baseline / 1024:.1f} MiB, holding {held_rss / 1024:.1f} MiB, "
+          f"after {after / 1024:.1f} MiB")
+    # What stays is the high-water mark of 500 greenlets (about 16 KiB each, kept by the
+    # allocator and reused by the next 500); 500 buffered 2 MB bodies would be 1 GB.
+    assert after - baseline < 24 * 1024, (baseline, held_rss, after)
+    assert worker_pids(_pid(slow_proxy)) == workers, "the worker was restarted"
+
+
+def test_trickled_body_gets_408(slow_proxy: ProxyProcess) -> None:
+    """A body read whole arrives one byte every 0.2 s: it must be done within body_timeout."""
+    rid = "trickle-" + uuid.uuid4().hex
+    body = b'{"model": "m", "messages": [' + b" " * 200 + b"]}"
+    with socket.create_connection(("127.0.0.1", slow_proxy.port), timeout=10) as sock:
+        sock.sendall(f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     f"X-Request-ID: {rid}\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        started = time.monotonic()
+        sock.settimeout(0.2)
+        answer = b""
+        for i in range(len(body)):
+            try:
+                sock.sendall(body[i:i + 1])
+                piece = sock.recv(65536)  # doubles as the pacing: waits up to 0.2 s
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            answer += piece
+            if not piece or answer.endswith(b"}"):
+                break
+        elapsed = time.monotonic() - started
+    proxy_error(parse_one(answer, "POST"), "openai", 408)
+    assert BODY_TIMEOUT - 0.1 < elapsed < BODY_TIMEOUT + 3, elapsed
+    record = slow_proxy.wait_record(rid)
+    assert (record["status"], record["error_kind"]) == (408, "body_timeout")
+
+
+def test_withheld_streamed_upload_gets_408_and_the_upstream_is_closed(
+        slow_proxy: ProxyProcess, sink: RawSink) -> None:
+    """A body too big to be read whole stops after 1 KB: 408, and the provider, which got the
+    start of it, sees the connection closed rather than a complete request."""
+    sink.reset()
+    rid = "upload-" + uuid.uuid4().hex
+    with socket.create_connection(("127.0.0.1", slow_proxy.port), timeout=10) as sock:
+        sock.sendall(f"POST /sinkoa/v1/files HTTP/1.1\r\nHost: x\r\nX-Request-ID: {rid}\r\n"
+                     f"Content-Length: {3 << 20}\r\n\r\n".encode() + b"u" * 1024)
+        upstream = sink.wait_connection()
+        started = time.monotonic()
+        answer = read_all(sock)
+        elapsed = time.monotonic() - started
+    proxy_error(parse_one(answer, "POST"), "openai", 408)
+    assert elapsed < BODY_TIMEOUT + 3, elapsed
+    assert upstream.closed.wait(2), "the half-sent upload was left open upstream"
+    assert not upstream.complete.is_set()
+    record = slow_proxy.wait_record(rid)
+    assert (record["status"], record["error_kind"]) == (408, "body_timeout")
+
+
+def test_client_that_stops_reading_a_stream_is_dropped(slow_proxy: ProxyProcess,
+                                                       fake_upstream: FakeUpstream) -> None:
+    """The client reads the first bytes of a fast stream, then nothing: after send_timeout
+    the proxy drops it, closes the upstream connection and records ``client_aborted``."""
+    event = b'data: {"choices": [{"index": 0, "delta": {"content": "' + b"x" * 65536 \
+        + b'"}}]}\n\n'
+
+    def flood(rec: object, reply: Any) -> None:
+        reply.start_stream()
+        for _ in range(100_000):  # until the proxy lets go (Abort), or long past the test
+            reply.write(event)
+
+    fake_upstream.script(flood)
+    rid = "stalled-" + uuid.uuid4().hex
+    body = b'{"model": "m", "stream": true, "messages": []}'
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", slow_proxy.port))
+        sock.sendall(f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     f"X-Request-ID: {rid}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                     + body)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        stopped = time.monotonic()  # from here on the client reads nothing
+        assert fake_upstream.client_gone.wait(SEND_TIMEOUT + 10), \
+            "the stream is still running for a client that reads nothing"
+        gone = fake_upstream.last.client_gone_at or 0.0
+        assert SEND_TIMEOUT - 0.5 < gone - stopped < SEND_TIMEOUT + 5, gone - stopped
+        record = slow_proxy.wait_record(rid)
+        assert (record["outcome"], record["error_kind"]) == ("client_aborted", "send_timeout")
+        sock.settimeout(5)
+        while True:  # what was buffered, then the end: the proxy closed the connection
+            try:
+                if not sock.recv(1 << 20):
+                    break
+            except ConnectionResetError:
+                break
+    finally:
+        sock.close()
+    fake_upstream.reset()
+    _chat_ok(slow_proxy)
+    assert "Traceback" not in slow_proxy.log_text()
+
+
+def test_headers_must_arrive_within_keepalive(slow_proxy: ProxyProcess) -> None:
+    """gunicorn's gevent worker reads each request's head under its keep-alive timeout: a
+    client that stops in the middle of a header is disconnected after KEEPALIVE seconds (the
+    header-read timeout the README's security section describes)."""
+    with socket.create_connection(("127.0.0.1", slow_proxy.port), timeout=KEEPALIVE + 8) as sock:
+        sock.sendall(b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        started = time.monotonic()
+        answer = read_all(sock)
+        elapsed = time.monotonic() - started
+    assert answer == b"" and KEEPALIVE - 0.2 < elapsed < KEEPALIVE + 3, (answer[:80], elapsed)

@@ -141,3 +141,87 @@ def test_sigterm_lets_a_running_stream_finish(start_proxy: Callable[..., ProxyPr
     assert record["outcome"] == "completed"
     assert record["output_tokens"] == fake_upstream.scenario.output_tokens
     assert record["cost_usd"] is not None and record["cost_usd"] > 0
+
+
+GRACEFUL = 8  # seconds: the master SIGKILLs a worker still running this long after SIGTERM
+CUT = 2  # seconds before that the worker cuts what still runs (llmproxy.shutdown.margin)
+
+
+@pytest.mark.parametrize("idle_client", [False, True], ids=["worker-exits", "worker-killed"])
+def test_stream_outliving_the_graceful_timeout_is_cut_and_recorded(
+        start_proxy: Callable[..., ProxyProcess], fake_upstream: FakeUpstream,
+        pricing_raw: dict[str, Any], tmp_path: Path, idle_client: bool) -> None:
+    """A stream far longer than GRACEFUL_TIMEOUT: the worker itself ends it shortly before the
+    master's SIGKILL, closes the upstream connection and writes its usage and access records
+    (``outcome: shutdown``). Then it exits by itself, or, while a client's idle keep-alive
+    connection holds it, is killed: the records were written before."""
+    records = tmp_path / "usage.jsonl"
+    proxy = start_proxy(config=config_for(pricing_raw, records), workers=1,
+                        env={"GRACEFUL_TIMEOUT": str(GRACEFUL), "KEEPALIVE": "30"})
+    idle = requests.Session()
+    if idle_client:  # a pooled connection, as SDK clients keep them
+        assert idle.get(proxy.url + "/health", timeout=10).status_code == 200
+    fake_upstream.script(fake_upstream.scripts.endless("openai", interval=0.05, count=100_000))
+    rid = new_request_id()
+    assert proxy.proc is not None
+    received = 0
+    with requests.post(proxy.url + CHAT, stream=True, timeout=30,
+                       headers={"X-Request-ID": rid, "Connection": "close"},
+                       json={"model": "gpt-4o", "stream": True, "messages": []}) as resp:
+        assert resp.status_code == 200
+        chunks = resp.iter_content(chunk_size=None)
+        received += len(next(chunks))
+        proxy.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        try:
+            for chunk in chunks:
+                received += len(chunk)
+        except requests.RequestException:  # the cut: a chunked body that never ends
+            pass
+        ended = time.monotonic() - signalled
+    assert proxy.proc.wait(GRACEFUL + 10) == 0
+    idle.close()
+    log = proxy.log_text()
+    print(f"\nstream cut {ended:.2f} s after SIGTERM (graceful timeout {GRACEFUL} s)")
+    assert GRACEFUL - CUT - 0.5 < ended < GRACEFUL, "the stream was not cut before the SIGKILL"
+    assert fake_upstream.client_gone.is_set(), "the upstream connection was left open"
+    if idle_client:  # no exit handler of the worker ran
+        assert "Worker exiting" not in log, "the idle connection was expected to hold it"
+    else:
+        assert "SIGKILL" not in log, "the master had to kill the worker"
+        assert "Worker exiting" in log
+
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    [record] = [r for r in lines if r["request_id"] == rid]
+    assert (record["outcome"], record["status"]) == ("shutdown", 200), record
+    assert 0 < record["response_bytes"] and record["response_bytes"] >= received
+    [access] = proxy.records_for(rid)
+    assert access["outcome"] == "shutdown"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGQUIT, signal.SIGINT], ids=["SIGQUIT", "SIGINT"])
+def test_quick_shutdown_records_running_streams(start_proxy: Callable[..., ProxyProcess],
+                                                fake_upstream: FakeUpstream,
+                                                pricing_raw: dict[str, Any], tmp_path: Path,
+                                                sig: signal.Signals) -> None:
+    """SIGQUIT/SIGINT: gunicorn exits the worker at once; running streams are cut and
+    recorded first (``outcome: shutdown``)."""
+    records = tmp_path / "usage.jsonl"
+    proxy = start_proxy(config=config_for(pricing_raw, records), workers=1)
+    fake_upstream.script(fake_upstream.scripts.endless("openai", interval=0.05, count=100_000))
+    rid = new_request_id()
+    assert proxy.proc is not None
+    with requests.post(proxy.url + CHAT, stream=True, timeout=30,
+                       headers={"X-Request-ID": rid},
+                       json={"model": "gpt-4o", "stream": True, "messages": []}) as resp:
+        chunks = resp.iter_content(chunk_size=None)
+        next(chunks)
+        proxy.proc.send_signal(sig)
+        with pytest.raises(requests.RequestException):  # cut: the chunked body never ends
+            for _ in chunks:
+                pass
+    assert proxy.proc.wait(15) == 0
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [r["outcome"] for r in lines if r["request_id"] == rid] == ["shutdown"]
+    assert [r["outcome"] for r in proxy.records_for(rid)] == ["shutdown"]
+    assert fake_upstream.client_gone.is_set()

@@ -181,3 +181,26 @@ def test_a_full_queue_drops_instead_of_blocking(tmp_path: Path) -> None:
     assert [r["request_id"] for r in lines(path)] == ["first", "queued"]
     assert not sink.write({"request_id": "after-close"})
     assert drops == ["queue_full", "closed"]
+
+
+def test_flush_waits_for_the_queued_records_and_keeps_the_sink_open(tmp_path: Path) -> None:
+    path = tmp_path / "usage.jsonl"
+    sink = UsageRecordSink(str(path), max_bytes=1 << 20, backups=1)
+    handler = sink._handler  # noqa: SLF001 - the test needs to stall the writer
+    release = threading.Event()
+    original = handler.emit
+
+    def slow_emit(record: logging.LogRecord) -> None:
+        release.wait(5)
+        original(record)
+
+    handler.emit = slow_emit  # type: ignore[method-assign]
+    for i in range(3):
+        assert sink.write({"request_id": f"r{i}"})
+    assert not sink.flush(timeout=0.05)  # the writer is held: not all written in time
+    release.set()
+    assert sink.flush(timeout=5)
+    assert [r["request_id"] for r in lines(path)] == ["r0", "r1", "r2"]
+    assert sink.write({"request_id": "after"})  # still open
+    sink.close()
+    assert [r["request_id"] for r in lines(path)][-1] == "after"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import math
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -189,6 +190,46 @@ def test_queued_corrections_are_sent_when_a_worker_shuts_down(
     assert proxy.proc is not None and proxy.proc.returncode == 0
     assert "Worker exiting" in proxy.log_text()  # it ended by itself, not by SIGKILL
     assert counter_total(redis_server, counter) == 3500
+
+
+def test_a_stream_cut_at_shutdown_is_charged_what_it_used(
+        start_proxy: Callable[..., Any], redis_server: RedisServer, fake_upstream: Any) -> None:
+    """A stream still running when the graceful timeout ends is cut by the worker, and its
+    correction (the input tokens the provider reported at the start) reaches Redis before
+    the worker is gone, though corrections are held back for 10 s and an idle keep-alive
+    connection keeps the worker from exiting by itself (the master kills it)."""
+    config = redis_config(redis_server, count_tokens="total",
+                          overrides={"per_key": {KEY: {"tokens_per_minute": 100_000}}})
+    config["features"]["rate_limiting"]["redis"]["reconcile_delay_ms"] = 10_000
+    proxy = start_proxy(config, workers=1, env={"GRACEFUL_TIMEOUT": "3", "KEEPALIVE": "30"})
+    idle = requests.Session()
+    assert idle.get(proxy.url + "/health", timeout=10).status_code == 200
+    fake_upstream.scenario.input_tokens = 3000
+    # message_start (with the input tokens), then nothing for a minute
+    fake_upstream.script(fake_upstream.scripts.paused(60, after=[b"message_start"]))
+    with requests.post(proxy.url + "/anthropic/v1/messages", stream=True, timeout=30,
+                       json={"model": "fake-model-1", "max_tokens": 5, "stream": True,
+                             "messages": [{"role": "user", "content": "hi"}]},
+                       headers={"x-api-key": KEY, "anthropic-version": "2023-06-01",
+                                "Connection": "close"}) as resp:
+        assert resp.status_code == 200
+        chunks = resp.iter_content(chunk_size=None)
+        assert b"message_start" in next(chunks)
+        counter = f"key:{fingerprint(KEY)}:tokens:minute"
+        assert counter_total(redis_server, counter) < 100  # the estimate
+        assert proxy.proc is not None
+        proxy.proc.send_signal(signal.SIGTERM)
+        try:
+            for _ in chunks:
+                pass
+        except requests.RequestException:  # the cut
+            pass
+    assert proxy.proc.wait(15) == 0
+    idle.close()
+    assert "Worker exiting" not in proxy.log_text()  # no exit handler of the worker ran
+    assert counter_total(redis_server, counter) >= 3000
+    [record] = proxy.records_for(resp.headers["X-Proxy-Request-ID"])
+    assert record["outcome"] == "shutdown"
 
 
 def test_redis_crash_follows_on_error_and_recovers(

@@ -100,14 +100,17 @@ def reserve(limiter: Limiter, ex: Exchange) -> Reservation:
     (Outcome.COMPLETED, 200, Usage(input_tokens=50, output_tokens=10, total_tokens=60), 0, 60 - 20),
     (Outcome.CLIENT_ABORTED, 200, Usage(input_tokens=50), 0, 50 - 20),  # what it consumed
     (Outcome.CLIENT_ABORTED, 200, Usage(), 0, 0),  # nothing seen: the estimate stands
+    (Outcome.SHUTDOWN, 200, Usage(input_tokens=50), 0, 50 - 20),  # cut by the worker: alike
+    (Outcome.SHUTDOWN, 200, Usage(), 0, 0),
+    (Outcome.SHUTDOWN, None, Usage(), 0, 0),  # cut before the provider answered: it may bill
     (Outcome.COMPLETED, 200, Usage(), 0, 0),
     (Outcome.UPSTREAM_ERROR, 502, Usage(), -1, -20),  # unreachable: all refunded
     (Outcome.COMPLETED, 503, Usage(), -1, -20),
     (Outcome.COMPLETED, 400, Usage(), 0, -20),  # answered, consumed no tokens
     (Outcome.UPSTREAM_ERROR, 200, Usage(input_tokens=50, output_tokens=3, total_tokens=53), 0, 33),
 ])
-def test_reconciliation_rules(outcome: str, status: int, usage: Usage, requests_delta: int,
-                              tokens_delta: int) -> None:
+def test_reconciliation_rules(outcome: str, status: int | None, usage: Usage,
+                              requests_delta: int, tokens_delta: int) -> None:
     limiter = Limiter(settings(limits={"requests_per_minute": 10, "tokens_per_day": 1000}),
                       MemoryStore(FakeClock()))
     ex = exchange()
