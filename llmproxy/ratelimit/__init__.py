@@ -57,7 +57,8 @@ def build_store(settings: RateLimitSettings,
     if settings.backend == "redis":
         from .redis import RedisStore, connect
 
-        client = connect(settings.redis.url, settings.redis.timeout_ms)
+        client = connect(settings.redis.url, settings.redis.timeout_ms,
+                         settings.redis.max_connections)
         return RedisStore(client, settings.redis.key_prefix,
                           reconcile_delay=settings.redis.reconcile_delay_ms / 1000,
                           on_lost=on_lost)
@@ -96,7 +97,7 @@ class RateLimit:
         self._warn_reserve = _Throttled()
         self._warn_reconcile = _Throttled()
         self.store = store if store is not None else build_store(settings, self.reconcile_lost)
-        self.limiter = Limiter(settings, self.store)
+        self.limiter = Limiter(settings, self.store, self.reconcile_lost)
 
     def install(self, app: Flask, on_finish: Callable[[FinishListener], Any]) -> None:
         """Hook the check, the headers and the terminal-event listener into ``app``."""
