@@ -220,6 +220,11 @@ class Estimation:
     provider_chars_per_token: dict[str, float] = field(
         default_factory=lambda: {"openai": 5.0, "anthropic": 3.0})
 
+    def divisor(self, route: str | None, dialect: str | None) -> float:
+        """Characters per token for a provider route: by route name, then dialect."""
+        per = self.provider_chars_per_token
+        return per.get(route or "") or per.get(dialect or "") or self.chars_per_token
+
 
 @dataclass(frozen=True, slots=True)
 class RateLimitSettings:

@@ -24,7 +24,7 @@ from .errors import error_response
 from .exchange import ErrorKind, Exchange, Outcome
 from .providers import Provider
 from .state import ProxyState, get_state
-from .streams.reader import ResponseReader
+from .streams.reader import ResponseReader, readable_accept_encoding
 from .upstream import (
     BodyStream,
     RequestBodyError,
@@ -56,8 +56,12 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
         if [c for c in codings if c] != ["chunked"]:
             return _fail(ex, provider, 501, ErrorKind.TRANSFER_CODING,
                          "Transfer-Encoding other than chunked is not supported.")
-        body = BodyStream(request.stream, None, state.settings.server.max_body_bytes)
+        body = BodyStream(request.stream, None, state.settings.server.max_body_bytes,
+                          g.get("body_head", b""))
     headers = request_headers(request.headers.items())
+    for name in headers:
+        if name.lower() == "accept-encoding":  # only what the usage reader can decode
+            headers[name] = readable_accept_encoding(headers[name])
     try:
         resp = _send_watching_client(state, request.method, g.upstream_url, headers, body,
                                      request.environ.get("gunicorn.socket"))
@@ -80,7 +84,8 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
                          f"The {provider.name} API did not answer in time.")
         return _fail(ex, provider, 502, exc.kind, f"The {provider.name} API is unreachable.")
     _count_streamed_upload(ex, body)
-    return _relay(ex, provider, resp, request.environ.get("gunicorn.socket"))
+    chars_per_token = state.settings.ratelimit.estimation.divisor(ex.provider, ex.dialect)
+    return _relay(ex, provider, resp, request.environ.get("gunicorn.socket"), chars_per_token)
 
 
 def _count_streamed_upload(ex: Exchange, body: Any) -> None:
@@ -153,7 +158,8 @@ def _fail(ex: Exchange, provider: Provider, status: int, kind: ErrorKind,
     return error_response(provider.dialect, status, message, request_id=ex.request_id)
 
 
-def _relay(ex: Exchange, provider: Provider, resp: requests.Response, client: Any) -> Response:
+def _relay(ex: Exchange, provider: Provider, resp: requests.Response, client: Any,
+           chars_per_token: float) -> Response:
     raw_headers = resp.raw.headers
     ctype = raw_headers.get("Content-Type")
     parser = provider.reader(ex.upstream_path, ctype, raw_headers.get("Content-Encoding"))
@@ -191,7 +197,7 @@ def _relay(ex: Exchange, provider: Provider, resp: requests.Response, client: An
         # sees as a broken response rather than a complete one.
         spliceable = sse and length is None and \
             raw_headers.get("Content-Encoding", "identity").lower() == "identity"
-        out = Response(_stream(ex, provider, resp, parser, spliceable, client),
+        out = Response(_stream(ex, provider, resp, parser, spliceable, client, chars_per_token),
                        status=resp.status_code, headers=headers, direct_passthrough=True)
         # A generator that is never started never runs its finally: close on response close too.
         out.call_on_close(resp.close)
@@ -201,10 +207,11 @@ def _relay(ex: Exchange, provider: Provider, resp: requests.Response, client: An
 
 
 def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: ResponseReader,
-            spliceable: bool, client: Any) -> Iterator[bytes]:
+            spliceable: bool, client: Any, chars_per_token: float) -> Iterator[bytes]:
     """Relay the body; on an upstream break, end it with an SSE error event when
     ``spliceable``, else by shutting the client connection down (when the server gave us
-    its socket)."""
+    its socket). A stream whose final output count never came is counted from the text it
+    relayed (``chars_per_token``: the limiter's estimation divisor for this provider)."""
     outcome = Outcome.COMPLETED
     try:
         for chunk in Upstream.iter_raw(resp):
@@ -231,6 +238,7 @@ def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: R
     finally:
         resp.close()
         parser.close()
+        ex.meta.estimate_output(chars_per_token)
         ex.finish(outcome)
 
 

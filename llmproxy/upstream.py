@@ -200,18 +200,23 @@ class BodyStream:
     """The client's request body as a file-like object requests can stream upstream.
 
     ``len`` lets requests send a Content-Length instead of chunked encoding; reading stops
-    with :class:`RequestBodyError` once more than ``limit`` bytes arrived.
+    with :class:`RequestBodyError` once more than ``limit`` bytes arrived. ``head``: the
+    first bytes, already read off ``stream`` (to inspect them).
     """
 
-    def __init__(self, stream: Any, length: int | None, limit: int) -> None:
+    def __init__(self, stream: Any, length: int | None, limit: int, head: bytes = b"") -> None:
         self._stream = stream
         self.len = length or 0
         self._limit = limit
-        self.read_bytes = 0
+        self._head = memoryview(head)
+        self.read_bytes = len(head)
 
     def read(self, size: int = READ_SIZE) -> bytes:
         if size is None or size < 0:
             size = READ_SIZE
+        if self._head:
+            piece, self._head = bytes(self._head[:size]), self._head[size:]
+            return piece
         try:
             data: bytes = self._stream.read(size)
         except Exception as exc:  # client went away or sent a malformed chunked body

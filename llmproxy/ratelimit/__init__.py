@@ -117,6 +117,8 @@ class RateLimit:
         ex: Exchange | None = g.get("exchange")
         if ex is None:  # /health, /metrics, preflights, unknown routes: never limited
             return None
+        if ex.body_uninspected and ex.model is None and self.settings.overrides.get("model"):
+            return self._uninspectable(ex)
         try:
             result = self.limiter.reserve(ex)
         except StoreError as exc:
@@ -149,6 +151,14 @@ class RateLimit:
         message = f"Rate limit exceeded: {denial.reason}. Retry after {wait} s."
         return error_response(ex.dialect, 429, message, request_id=ex.request_id,
                               headers=headers)
+
+    def _uninspectable(self, ex: Exchange) -> Response:
+        """A body too large to read its model from, while per-model limits exist: refused,
+        since letting it through would let any client dodge them with a padded body."""
+        ex.error_kind = ErrorKind.TOO_LARGE
+        return error_response(ex.dialect, 413, "Request body too large for its model to be "
+                              "checked against the per-model rate limits.",
+                              request_id=ex.request_id)
 
     def _backend_failed(self, ex: Exchange, exc: StoreError) -> Response | None:
         action = self.settings.redis.on_error

@@ -117,9 +117,7 @@ def estimate(settings: RateLimitSettings, ex: Exchange) -> tuple[int, int]:
     info = ex.request_info
     text_chars = getattr(info, "text_chars", None)
     if text_chars is not None and ex.request_bytes <= est.max_sample_bytes:
-        per_token = est.provider_chars_per_token.get(ex.provider or "") \
-            or est.provider_chars_per_token.get(ex.dialect or "") or est.chars_per_token
-        input_tokens = math.ceil(text_chars / per_token)
+        input_tokens = math.ceil(text_chars / est.divisor(ex.provider, ex.dialect))
     else:
         input_tokens = math.ceil(ex.request_bytes / est.bytes_per_token)
     output_cap = getattr(info, "max_output_tokens", None)
@@ -135,14 +133,20 @@ def counted(mode: str, input_tokens: int, output_tokens: int) -> int:
     return input_tokens + output_tokens
 
 
-def actual_tokens(mode: str, usage: Usage) -> int | None:
-    """Real tokens of the counted kind, or None when the response reported no usage."""
+def actual_tokens(mode: str, usage: Usage, input_estimate: int = 0) -> int | None:
+    """Real tokens of the counted kind, or None when the response reported no usage.
+
+    A stream whose usage never came has only its output, estimated from the text relayed
+    (``ResponseMeta.estimate_output``): its prompt then counts as ``input_estimate``.
+    """
     inp, out, tot = usage.input_tokens, usage.output_tokens, usage.total_tokens
     if inp is None and out is None and tot is None:
         return None
     if tot is not None and out is not None:
         # total - output includes Anthropic's cache reads/writes, which input_tokens omits
         inp = tot - out
+    elif inp is None and tot is None:
+        inp = input_estimate
     if mode == "input":
         return max(inp or 0, 0)
     if mode == "output":
@@ -223,8 +227,12 @@ class Limiter:
         return res
 
     def adjustments(self, ex: Exchange, res: Reservation) -> list[Adjustment]:
-        """Corrections that replace the reservation with what the request really used."""
-        actual = actual_tokens(self.settings.count_tokens, ex.meta.usage)
+        """Corrections that replace the reservation with what the request really used.
+
+        An aborted stream (or one without a final usage) is charged at least the output it
+        relayed: its output count is then the estimate from the relayed text, never less.
+        """
+        actual = actual_tokens(self.settings.count_tokens, ex.meta.usage, res.input_estimate)
         status = ex.status
         request_delta = 0
         token_delta = 0
