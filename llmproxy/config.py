@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import yaml
 
@@ -24,6 +24,8 @@ from .providers import DIALECTS
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _RESERVED_NAMES = {"health", "metrics", "meta", "static", "admin"}
+#: gunicorn's worker_connections when WORKER_CONNECTIONS is unset (gunicorn.conf.py).
+DEFAULT_WORKER_CONNECTIONS = 4096
 
 
 class ConfigError(Exception):
@@ -231,6 +233,9 @@ class RedisSettings:
     timeout_ms: int = 50
     on_error: str = "open"
     reconcile_delay_ms: int = 100
+    # Connections per worker: its concurrency (WORKER_CONNECTIONS) plus the correction sender,
+    # so no call ever waits for one; see docs/rate-limiting.md.
+    max_connections: int = DEFAULT_WORKER_CONNECTIONS + 1
 
 
 #: Counters the memory backend keeps per worker before forgetting the least recently charged.
@@ -252,6 +257,11 @@ class Estimation:
     # measured with scripts/token_estimation.py; the same defaults as configs/base.yml
     provider_chars_per_token: dict[str, float] = field(
         default_factory=lambda: {"openai": 5.0, "anthropic": 3.0})
+
+    def divisor(self, route: str | None, dialect: str | None) -> float:
+        """Characters per token for a provider route: by route name, then dialect."""
+        per = self.provider_chars_per_token
+        return per.get(route or "") or per.get(dialect or "") or self.chars_per_token
 
 
 @dataclass(frozen=True, slots=True)
@@ -562,15 +572,18 @@ def _redis(section: Mapping[str, Any], environ: Mapping[str, str]) -> RedisSetti
     d = RedisSettings()
     # address/password/db: an older shape, still accepted
     _no_unknown(section, key, ("url", "key_prefix", "timeout_ms", "on_error",
-                               "reconcile_delay_ms", "address", "password", "db"))
+                               "reconcile_delay_ms", "max_connections", "address", "password",
+                               "db"))
     url = section.get("url")
     if url is None and "address" in section:
         password = section.get("password") or ""
         auth = f":{quote(str(password), safe='')}@" if password else ""
         url = f"redis://{auth}{section['address']}/{_int(section.get('db', 0), f'{key}.db')}"
+    url_key = "LLMPROXY_REDIS_URL" if environ.get("LLMPROXY_REDIS_URL") else f"{key}.url"
     url = environ.get("LLMPROXY_REDIS_URL") or url or d.url
     if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"{key}.url", "must be a redis://, rediss:// or unix:// URL")
+        raise ConfigError(url_key, "must be a redis://, rediss:// or unix:// URL")
+    _check_redis_url(url, url_key)
     prefix = section.get("key_prefix", d.key_prefix)
     if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
         raise ConfigError(f"{key}.key_prefix", "must be a string without { or }")
@@ -582,6 +595,8 @@ def _redis(section: Mapping[str, Any], environ: Mapping[str, str]) -> RedisSetti
                          ("open", "closed")),
         reconcile_delay_ms=_int(section.get("reconcile_delay_ms", d.reconcile_delay_ms),
                                 f"{key}.reconcile_delay_ms", maximum=MAX_RECONCILE_DELAY_MS),
+        max_connections=_max_connections(section.get("max_connections"), environ,
+                                         f"{key}.max_connections"),
     )
 
 
@@ -592,6 +607,62 @@ def _memory(section: Mapping[str, Any]) -> MemoryStoreSettings:
         max_counters=_int(section.get("max_counters", DEFAULT_MAX_COUNTERS),
                           f"{key}.max_counters", MIN_MAX_COUNTERS),
     )
+
+def _max_connections(value: Any, environ: Mapping[str, str], key: str) -> int:
+    """The pool size: as set, else one per connection the gunicorn worker serves, plus one
+    for the background correction sender."""
+    if value is not None:
+        return _int(value, key, 1)
+    raw = environ.get("WORKER_CONNECTIONS", "").strip()
+    if not raw:
+        return DEFAULT_WORKER_CONNECTIONS + 1
+    try:
+        workers = int(raw)
+    except ValueError:
+        raise ConfigError("WORKER_CONNECTIONS", f"must be an integer, got {raw!r}") from None
+    return _int(workers, "WORKER_CONNECTIONS", 1) + 1
+
+
+def _check_redis_url(url: str, key: str) -> None:
+    """Parse the URL as redis-py will, so a malformed one stops start-up here with one line
+    naming the key (never echoing the URL: it may carry a password)."""
+    from redis.connection import (
+        Connection,
+        SSLConnection,
+        UnixDomainSocketConnection,
+        parse_url,
+    )
+
+    scheme = url.split("://", 1)[0].lower()
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises for a port that is not a number in range
+        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        if scheme == "unix":
+            if not options.get("path"):
+                raise ValueError("no socket path")
+        elif unquote(parts.path).strip("/") and "db" not in parse_qs(parts.query) \
+                and not unquote(parts.path).strip("/").isdigit():
+            raise ValueError("the path after the host must be a database number")
+        options.pop("connection_class", None)
+        cls = {"unix": UnixDomainSocketConnection, "rediss": SSLConnection}.get(scheme,
+                                                                              Connection)
+        cls(**options)  # unknown query parameters would only fail at the first connection
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(key, f"not a valid Redis URL ({_url_problem(exc, url)})") from None
+
+
+def _url_problem(exc: Exception, url: str) -> str:
+    """The parser's complaint, with the URL's credentials taken out should it quote them."""
+    message = str(exc).split("\n", 1)[0]
+    try:
+        parts = urlsplit(url)
+        secrets = [s for s in (parts.password, parts.username) if s]
+    except ValueError:
+        secrets = []
+    for secret in [url, *secrets]:
+        message = message.replace(secret, "***")
+    return message[:200]
 
 
 def _estimation(section: Mapping[str, Any]) -> Estimation:

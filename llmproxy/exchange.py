@@ -12,6 +12,7 @@ request twice or miss it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,6 +79,20 @@ class ResponseMeta:
     response_id: str | None = None
     error: str | None = None
     usage: Usage = field(default_factory=Usage)
+    # Bytes of generated text (JSON-escaped) in the stream events relayed, counted by the
+    # dialect's usage handler: what an aborted stream is charged when no final count came.
+    output_chars: int = 0
+    output_estimated: bool = False  # usage.output_tokens comes from output_chars
+
+    def estimate_output(self, chars_per_token: float) -> None:
+        """The provider's output count never came: estimate it from the text relayed."""
+        usage = self.usage
+        if usage.output_tokens is not None or self.output_chars <= 0:
+            return
+        usage.output_tokens = math.ceil(self.output_chars / chars_per_token)
+        self.output_estimated = True
+        if usage.total_tokens is not None:  # a total of what was reported, output missing
+            usage.total_tokens += usage.output_tokens
 
 
 @dataclass(slots=True)
@@ -116,6 +131,9 @@ class Exchange:
     outcome: Outcome | None = None
     error_kind: ErrorKind | None = None
     request_bytes: int = 0
+    # A body too large to inspect (multipart uploads aside): its model is unknown unless the
+    # path names it, which the rate limiter must not take for "no model".
+    body_uninspected: bool = False
     response_bytes: int = 0
     meta: ResponseMeta = field(default_factory=ResponseMeta)
     request_info: RequestInfo | None = None  # set when the request was identified

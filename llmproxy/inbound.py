@@ -136,7 +136,34 @@ def prepare() -> Response | None:
             ex.outcome = Outcome.CLIENT_ABORTED
             return error_response(dialect, 400, "Incomplete request body.",
                                   request_id=rid)
-    ex.request_bytes = length or 0
+        ex.request_bytes = length
+    elif length:
+        ex.request_bytes = length
+        ex.body_uninspected = not _multipart(headers)
+    elif _chunked_only(headers.get("Transfer-Encoding")):
+        # No length to go by: read up to the inspection cap. A body that ends within it is
+        # inspected (and forwarded with a length) like any other; a longer one streams on
+        # from what was read.
+        cap = min(settings.inspect_max_bytes, settings.max_body_bytes)
+        try:
+            head = request.stream.read(cap + 1)
+        except Exception:  # malformed chunking, or the client left mid-upload
+            ex.status = 400
+            ex.error_kind = ErrorKind.CLIENT_READ
+            return error_response(dialect, 400, "Could not read the request body.",
+                                  request_id=rid)
+        if len(head) <= cap:
+            body = head
+            ex.request_bytes = len(body)
+        elif len(head) > settings.max_body_bytes:
+            ex.status = 413
+            ex.error_kind = ErrorKind.TOO_LARGE
+            return error_response(dialect, 413, f"Request body larger than "
+                                  f"{settings.max_body_bytes} bytes.", request_id=rid)
+        else:
+            g.body_head = head
+            ex.request_bytes = len(head)  # at least: the estimate's floor until the end
+            ex.body_uninspected = not _multipart(headers)
     path, _, query = rest.partition("?")
     info = dialect.inspect(request.method, path, query, headers, body)
     ex.request_info = info
@@ -150,5 +177,19 @@ def prepare() -> Response | None:
     g.upstream_headers = forwarded
     g.body = body
     return None
+
+
+def _chunked_only(transfer_encoding: str | None) -> bool:
+    """Chunked and nothing else: other codings are refused by the relay (501), unread."""
+    if not transfer_encoding:
+        return False
+    codings = [c.strip().lower() for c in transfer_encoding.split(",")]
+    return [c for c in codings if c] == ["chunked"]
+
+
+def _multipart(headers: Any) -> bool:
+    """Form uploads (files, audio): not JSON, so never inspected whatever their size."""
+    ctype = headers.get("Content-Type") or ""
+    return bool(ctype.lower().lstrip().startswith("multipart/form-data"))
 
 

@@ -26,7 +26,7 @@ from .exchange import ErrorKind, Exchange, Outcome
 from .inflight import Call
 from .providers import Provider
 from .state import ProxyState, get_state
-from .streams.reader import ResponseReader
+from .streams.reader import ResponseReader, readable_accept_encoding
 from .upstream import (
     BodyStream,
     RequestBodyError,
@@ -58,8 +58,12 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
         if [c for c in codings if c] != ["chunked"]:
             return _fail(ex, provider, 501, ErrorKind.TRANSFER_CODING,
                          "Transfer-Encoding other than chunked is not supported.")
-        body = BodyStream(request.stream, None, state.settings.server.max_body_bytes, call)
+        body = BodyStream(request.stream, None, state.settings.server.max_body_bytes, call,
+                          g.get("body_head", b""))
     headers: dict[str, str] = g.upstream_headers  # the ones the credential was read from
+    for name in headers:
+        if name.lower() == "accept-encoding":  # only what the usage reader can decode
+            headers[name] = readable_accept_encoding(headers[name])
     try:
         resp = _send_watching_client(state, request.method, g.upstream_url, headers, body,
                                      request.environ.get("gunicorn.socket"))
@@ -87,7 +91,8 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
                          f"The {provider.name} API did not answer in time.")
         return _fail(ex, provider, 502, exc.kind, f"The {provider.name} API is unreachable.")
     _count_streamed_upload(ex, body)
-    return _relay(ex, provider, resp, call)
+    chars_per_token = state.settings.ratelimit.estimation.divisor(ex.provider, ex.dialect)
+    return _relay(ex, provider, resp, call, chars_per_token)
 
 
 def _count_streamed_upload(ex: Exchange, body: Any) -> None:
@@ -160,7 +165,8 @@ def _fail(ex: Exchange, provider: Provider, status: int, kind: ErrorKind,
     return error_response(provider.dialect, status, message, request_id=ex.request_id)
 
 
-def _relay(ex: Exchange, provider: Provider, resp: requests.Response, call: Call) -> Response:
+def _relay(ex: Exchange, provider: Provider, resp: requests.Response, call: Call,
+           chars_per_token: float) -> Response:
     raw_headers = resp.raw.headers
     ctype = raw_headers.get("Content-Type")
     parser = provider.reader(ex.upstream_path, ctype, raw_headers.get("Content-Encoding"))
@@ -198,7 +204,7 @@ def _relay(ex: Exchange, provider: Provider, resp: requests.Response, call: Call
         # sees as a broken response rather than a complete one.
         spliceable = sse and length is None and \
             raw_headers.get("Content-Encoding", "identity").lower() == "identity"
-        out = Response(_stream(ex, provider, resp, parser, spliceable, call),
+        out = Response(_stream(ex, provider, resp, parser, spliceable, call, chars_per_token),
                        status=resp.status_code, headers=headers, direct_passthrough=True)
         # A generator that is never started never runs its finally: close on response close too.
         out.call_on_close(resp.close)
@@ -208,10 +214,11 @@ def _relay(ex: Exchange, provider: Provider, resp: requests.Response, call: Call
 
 
 def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: ResponseReader,
-            spliceable: bool, call: Call) -> Iterator[bytes]:
+            spliceable: bool, call: Call, chars_per_token: float) -> Iterator[bytes]:
     """Relay the body; on an upstream break, end it with an SSE error event when
     ``spliceable``, else by shutting the client connection down (when the server gave us
-    its socket).
+    its socket). A stream whose final output count never came is counted from the text it
+    relayed (``chars_per_token``: the limiter's estimation divisor for this provider).
 
     Each write is marked in ``call.writing`` (the server writes a chunk between our yield
     and our next resumption), so a client that stops reading is dropped after
@@ -248,6 +255,7 @@ def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: R
         call.writing = time.monotonic()  # the server's last write (the end of the body) follows
         resp.close()
         parser.close()
+        ex.meta.estimate_output(chars_per_token)
         ex.finish(outcome)
 
 

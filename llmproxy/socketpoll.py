@@ -11,6 +11,7 @@ gevent worker.
 from __future__ import annotations
 
 import select
+import socket
 from typing import Any
 
 try:
@@ -26,3 +27,12 @@ def readable_now(sock: Any) -> bool:
     poller = _poll()
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(0))
+
+
+def connected_now(sock: Any) -> bool:
+    """Whether a non-blocking ``connect`` of ``sock`` has completed, successfully."""
+    poller = _poll()
+    poller.register(sock, select.POLLOUT)
+    if not poller.poll(0):
+        return False
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0)

@@ -204,20 +204,25 @@ class BodyStream:
     ``len`` lets requests send a Content-Length instead of chunked encoding; reading stops
     with :class:`RequestBodyError` once more than ``limit`` bytes arrived, or when one read
     (urllib3 asks for 16 KiB, which gunicorn returns whole) outlasts ``server.body_timeout``:
-    the sweep of ``call``'s registry ends it (see :mod:`llmproxy.inflight`).
+    the sweep of ``call``'s registry ends it (see :mod:`llmproxy.inflight`). ``head``: the
+    first bytes, already read off ``stream`` (to inspect them).
     """
 
     def __init__(self, stream: Any, length: int | None, limit: int,
-                 call: Call | None = None) -> None:
+                 call: Call | None = None, head: bytes = b"") -> None:
         self._stream = stream
         self.len = length or 0
         self._limit = limit
         self._call = call
-        self.read_bytes = 0
+        self._head = memoryview(head)
+        self.read_bytes = len(head)
 
     def read(self, size: int = READ_SIZE) -> bytes:
         if size is None or size < 0:
             size = READ_SIZE
+        if self._head:
+            piece, self._head = bytes(self._head[:size]), self._head[size:]
+            return piece
         call = self._call
         if call is not None:
             call.reading = time.monotonic()

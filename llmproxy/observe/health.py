@@ -3,8 +3,8 @@
 Nothing here calls a provider: a provider's status comes from the answers this worker saw
 (connection failures and timeouts make it ``degraded``). Readiness is decided here: at
 least one provider is configured, and the rate-limit store (when limits are on) answers a
-ping; 503 when a check fails, so a load balancer stops sending this worker traffic it
-cannot serve.
+ping or, with ``on_error: open``, need not; 503 when a check fails, so a load balancer stops
+sending this worker traffic it cannot serve.
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ ReadyCheck = Callable[[], dict[str, Any]]
 
 
 def ratelimit_check(limiter: RateLimit | None) -> ReadyCheck:
-    """Readiness of the rate-limit store: a ping with the store's own short timeout."""
+    """Readiness of the rate-limit store: a ping with the store's own short timeout.
+
+    A store that does not answer makes the worker unready only with ``on_error: closed``,
+    where every limited request is refused; with ``open`` the worker still serves (without
+    limits), so it stays ready and the answer says the store is down.
+    """
 
     def check() -> dict[str, Any]:
         if limiter is None:
@@ -43,8 +48,10 @@ def ratelimit_check(limiter: RateLimit | None) -> ReadyCheck:
         try:
             limiter.store.ping()
         except StoreError as exc:  # only the error's class: a message may name the URL
-            return {"ok": False, "backend": backend, "error": str(exc)}
-        return {"ok": True, "backend": backend,
+            on_error = limiter.settings.redis.on_error
+            return {"ok": on_error == "open", "backend": backend, "available": False,
+                    "on_error": on_error, "error": str(exc)}
+        return {"ok": True, "backend": backend, "available": True,
                 "latency_ms": round((time.monotonic() - started) * 1000, 1)}
 
     return check

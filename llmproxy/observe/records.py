@@ -80,6 +80,7 @@ def record_of(ex: Exchange) -> dict[str, Any]:
         "ttfb_ms": _ms(ex.ttfb),
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
+        "output_estimated": ex.meta.output_estimated,
         "total_tokens": usage.total_tokens,
         "cached_tokens": usage.cached_tokens,
         "cache_creation_tokens": usage.cache_creation_tokens,

@@ -22,10 +22,15 @@ from .base import (
     keep,
     loads,
     parts_chars,
+    relayed_text,
     text,
+    text_fields,
 )
 
 _TYPE = re.compile(rb'\s*\{\s*"type"\s*:\s*"([a-z_]+)"')
+# Generated text in content_block_delta events: text, thinking and tool input (a thinking
+# block's signature is not generated text).
+_DELTA_TEXT = text_fields("text", "thinking", "partial_json")
 
 
 class AnthropicUsage(UsageHandler):
@@ -41,10 +46,14 @@ class AnthropicUsage(UsageHandler):
         if not name:  # a server that omits "event:" lines: the type leads the payload
             m = _TYPE.match(data)
             name = m.group(1).decode() if m else ""
-        if name == "message_start":
+        if name == "content_block_delta":
+            self.meta.output_chars += relayed_text(_DELTA_TEXT, data)
+        elif name == "message_start":
             obj = loads(data)
             if isinstance(obj, dict):
-                self.apply(obj.get("message"))
+                # Its output_tokens is a placeholder (1) until message_delta's real count:
+                # never kept, or a stream cut before message_delta would be charged 1.
+                self.apply(obj.get("message"), start=True)
         elif name == "message_delta":
             obj = loads(data)
             if isinstance(obj, dict):
@@ -63,7 +72,7 @@ class AnthropicUsage(UsageHandler):
     def element(self, data: bytes) -> None:
         self.body(data)
 
-    def apply(self, obj: Any) -> None:
+    def apply(self, obj: Any, *, start: bool = False) -> None:
         if not isinstance(obj, dict):
             return
         meta = self.meta
@@ -78,17 +87,19 @@ class AnthropicUsage(UsageHandler):
         keep(meta, "finish_reason", text(obj.get("stop_reason")))
         usage = obj.get("usage")
         if isinstance(usage, dict):
-            self._usage(usage)
+            self._usage(usage, with_output=not start)
 
-    def _usage(self, raw: dict[str, Any]) -> None:
+    def _usage(self, raw: dict[str, Any], with_output: bool = True) -> None:
         # Every field is a running value: the last non-null one wins (never add them up).
         u = self.meta.usage
         for key, attr in (
             ("input_tokens", "input_tokens"),
-            ("output_tokens", "output_tokens"),
+            ("output_tokens", "output_tokens" if with_output else ""),
             ("cache_creation_input_tokens", "cache_creation_tokens"),
             ("cache_read_input_tokens", "cached_tokens"),
         ):
+            if not attr:
+                continue
             value = count(raw.get(key))
             if value is not None:
                 setattr(u, attr, value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from collections.abc import Iterable
 from typing import Any, ClassVar, Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -119,6 +120,29 @@ def parts_chars(content: object, nested: bool = False) -> int:
                 elif not nested and part.get("type") == "tool_result":
                     # Anthropic tool results nest their text blocks exactly one level down.
                     total += parts_chars(part.get("content"), nested=True)
+    return total
+
+
+# A JSON string's body, up to its closing quote. Possessive (Python >= 3.11): an unterminated
+# value then fails at once instead of backtracking through a stack as long as itself.
+_STRING_BODY = (rb'([^"\\]*+(?:\\.[^"\\]*+)*+)"' if sys.version_info >= (3, 11)
+                else rb'([^"\\]*(?:\\.[^"\\]*)*)"')
+
+
+def text_fields(*keys: str) -> re.Pattern[bytes]:
+    """A pattern for the string values of ``keys`` in a JSON document (group 1: the value,
+    still escaped). Generated text escapes its quotes, so it cannot fake a key."""
+    names = "|".join(re.escape(k) for k in keys).encode()
+    return re.compile(rb'"(?:' + names + rb')"\s*:\s*"' + _STRING_BODY)
+
+
+def relayed_text(fields: re.Pattern[bytes], data: bytes) -> int:
+    """Bytes of generated text (still JSON-escaped) in one stream event, found by a scan of
+    its bytes in C, not by parsing it: text deltas are most of a stream, and are otherwise
+    never parsed."""
+    total = 0
+    for match in fields.finditer(data):
+        total += match.end(1) - match.start(1)
     return total
 
 

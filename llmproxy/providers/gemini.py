@@ -25,11 +25,14 @@ from .base import (
     loads,
     parts_chars,
     query_has,
+    relayed_text,
     text,
+    text_fields,
 )
 
 # "models/<m>:method" or "tunedModels/<m>:method"; the model ends at ":" or "/" or the end.
 _MODEL = re.compile(r"(?:^|/)(models|tunedModels)/([^/:]+)")
+_PART_TEXT = text_fields("text")  # generated text (thought summaries included) in a frame
 
 
 class GeminiUsage(UsageHandler):
@@ -42,6 +45,7 @@ class GeminiUsage(UsageHandler):
         self.counting = counting
 
     def element(self, data: bytes) -> None:
+        self.meta.output_chars += relayed_text(_PART_TEXT, data)
         if (
             b"usageMetadata" in data
             or b"finishReason" in data

@@ -23,27 +23,39 @@ from .base import (
     keep,
     loads,
     parts_chars,
+    relayed_text,
     text,
+    text_fields,
 )
 
 _STREAM_ROUTES = ("/chat/completions", "/completions", "/responses")
 # A chunk is worth parsing only for a non-null usage or finish_reason, or an error. Text
 # deltas escape their quotes (\"usage\"), so generated text cannot match these keys.
 _INTERESTING = re.compile(rb'"(?:usage|finish_reason)"\s*:\s*(?!null)|"error"')
+# Generated text in stream events, per kind of route: chat deltas (content, tool-call
+# arguments, refusals, the reasoning text of compatible providers), legacy completions
+# ("text"), and the Responses API, where every kind of delta is a "delta" string (its
+# ".done" events repeat the text under other keys, so only the deltas are counted).
+_CHAT_TEXT = text_fields("content", "arguments", "refusal", "reasoning_content", "reasoning")
+_COMPLETION_TEXT = text_fields("text")
+_RESPONSES_TEXT = text_fields("delta")
 
 
 class OpenAIUsage(UsageHandler):
     """Chat completions, legacy completions, Responses API, embeddings (and compatibles)."""
 
-    __slots__ = ("embeddings",)
+    __slots__ = ("embeddings", "text_fields")
 
-    def __init__(self, meta: ResponseMeta, embeddings: bool) -> None:
+    def __init__(self, meta: ResponseMeta, embeddings: bool,
+                 text_fields: re.Pattern[bytes] = _CHAT_TEXT) -> None:
         super().__init__(meta)
         self.embeddings = embeddings
+        self.text_fields = text_fields
 
     def event(self, name: str, data: bytes) -> None:
         if data == b"[DONE]":
             return
+        self.meta.output_chars += relayed_text(self.text_fields, data)
         if name == "error" or _INTERESTING.search(data) is not None or self._probe():
             self.apply(loads(data))
 
@@ -178,7 +190,13 @@ class OpenAI(Dialect):
         return info
 
     def usage_handler(self, meta: ResponseMeta, route: str) -> UsageHandler:
-        return OpenAIUsage(meta, embeddings=route.endswith("/embeddings"))
+        if route.endswith("/responses"):
+            fields = _RESPONSES_TEXT
+        elif route.endswith("/completions") and not route.endswith("/chat/completions"):
+            fields = _COMPLETION_TEXT
+        else:
+            fields = _CHAT_TEXT
+        return OpenAIUsage(meta, embeddings=route.endswith("/embeddings"), text_fields=fields)
 
     def error_payload(self, status: int, message: str, code: str | None) -> object:
         kind = self.error_type(status)

@@ -61,7 +61,8 @@ def build_store(settings: RateLimitSettings,
     if settings.backend == "redis":
         from .redis import RedisStore, connect
 
-        client = connect(settings.redis.url, settings.redis.timeout_ms)
+        client = connect(settings.redis.url, settings.redis.timeout_ms,
+                         settings.redis.max_connections)
         return RedisStore(client, settings.redis.key_prefix,
                           reconcile_delay=settings.redis.reconcile_delay_ms / 1000,
                           on_lost=on_lost)
@@ -104,7 +105,7 @@ class RateLimit:
         self._warn_evicted = _Throttled()
         self.store = store if store is not None else build_store(
             settings, self.reconcile_lost, self.counters_evicted)
-        self.limiter = Limiter(settings, self.store)
+        self.limiter = Limiter(settings, self.store, self.reconcile_lost)
 
     def install(self, app: Flask, on_finish: Callable[[FinishListener], Any]) -> None:
         """Hook the check, the headers and the terminal-event listener into ``app``."""
@@ -124,6 +125,8 @@ class RateLimit:
         ex: Exchange | None = g.get("exchange")
         if ex is None:  # /health, /metrics, preflights, unknown routes: never limited
             return None
+        if ex.body_uninspected and ex.model is None and self.settings.overrides.get("model"):
+            return self._uninspectable(ex)
         try:
             result = self.limiter.reserve(ex)
         except StoreError as exc:
@@ -156,6 +159,14 @@ class RateLimit:
         message = f"Rate limit exceeded: {denial.reason}. Retry after {wait} s."
         return error_response(ex.dialect, 429, message, request_id=ex.request_id,
                               headers=headers)
+
+    def _uninspectable(self, ex: Exchange) -> Response:
+        """A body too large to read its model from, while per-model limits exist: refused,
+        since letting it through would let any client dodge them with a padded body."""
+        ex.error_kind = ErrorKind.TOO_LARGE
+        return error_response(ex.dialect, 413, "Request body too large for its model to be "
+                              "checked against the per-model rate limits.",
+                              request_id=ex.request_id)
 
     def _backend_failed(self, ex: Exchange, exc: StoreError) -> Response | None:
         action = self.settings.redis.on_error

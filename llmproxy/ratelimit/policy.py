@@ -8,13 +8,18 @@ at the terminal event turns real usage into corrections.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from ..config import RateLimitSettings
 from ..exchange import Exchange, Outcome, Usage
-from .store import Adjustment, CounterSpec, CounterState, Store
+from .store import Adjustment, CounterSpec, CounterState, Decision, Store, StoreError
+
+log = logging.getLogger("llmproxy.ratelimit")
 
 # (name, seconds, bucket granularity in seconds). One-second buckets make Retry-After exact to
 # the second for the minute window; one-minute buckets keep a day counter to <= 1441 fields.
@@ -115,9 +120,7 @@ def estimate(settings: RateLimitSettings, ex: Exchange) -> tuple[int, int]:
     info = ex.request_info
     text_chars = getattr(info, "text_chars", None)
     if text_chars is not None and ex.request_bytes <= est.max_sample_bytes:
-        per_token = est.provider_chars_per_token.get(ex.provider or "") \
-            or est.provider_chars_per_token.get(ex.dialect or "") or est.chars_per_token
-        input_tokens = math.ceil(text_chars / per_token)
+        input_tokens = math.ceil(text_chars / est.divisor(ex.provider, ex.dialect))
     else:
         input_tokens = math.ceil(ex.request_bytes / est.bytes_per_token)
     output_cap = getattr(info, "max_output_tokens", None)
@@ -133,14 +136,20 @@ def counted(mode: str, input_tokens: int, output_tokens: int) -> int:
     return input_tokens + output_tokens
 
 
-def actual_tokens(mode: str, usage: Usage) -> int | None:
-    """Real tokens of the counted kind, or None when the response reported no usage."""
+def actual_tokens(mode: str, usage: Usage, input_estimate: int = 0) -> int | None:
+    """Real tokens of the counted kind, or None when the response reported no usage.
+
+    A stream whose usage never came has only its output, estimated from the text relayed
+    (``ResponseMeta.estimate_output``): its prompt then counts as ``input_estimate``.
+    """
     inp, out, tot = usage.input_tokens, usage.output_tokens, usage.total_tokens
     if inp is None and out is None and tot is None:
         return None
     if tot is not None and out is not None:
         # total - output includes Anthropic's cache reads/writes, which input_tokens omits
         inp = tot - out
+    elif inp is None and tot is None:
+        inp = input_estimate
     if mode == "input":
         return max(inp or 0, 0)
     if mode == "output":
@@ -151,9 +160,11 @@ def actual_tokens(mode: str, usage: Usage) -> int | None:
 class Limiter:
     """Reserve before forwarding, reconcile at the terminal event."""
 
-    def __init__(self, settings: RateLimitSettings, store: Store) -> None:
+    def __init__(self, settings: RateLimitSettings, store: Store,
+                 on_lost: Callable[[StoreError], None] | None = None) -> None:
         self.settings = settings
         self.store = store
+        self._on_lost = on_lost  # told of corrections the store could not take
         self._cache: dict[tuple[str, str], list[Check]] = {}
 
     def checks_for(self, ex: Exchange, tokens: int) -> list[Check]:
@@ -205,7 +216,13 @@ class Limiter:
         checks = self.checks_for(ex, tokens)
         if not checks:
             return None
-        decision = self.store.reserve([c.spec for c in checks])
+        try:
+            decision = self.store.reserve([c.spec for c in checks])
+        except StoreError as exc:
+            if exc.late is not None:
+                exc.late.then(partial(self._settle_late, ex, checks, tokens, input_est,
+                                      output_est))
+            raise
         if not decision.allowed:
             return _binding(checks, decision.states)
         res = Reservation(checks, decision.bucket, tokens, input_est, output_est)
@@ -213,8 +230,12 @@ class Limiter:
         return res
 
     def adjustments(self, ex: Exchange, res: Reservation) -> list[Adjustment]:
-        """Corrections that replace the reservation with what the request really used."""
-        actual = actual_tokens(self.settings.count_tokens, ex.meta.usage)
+        """Corrections that replace the reservation with what the request really used.
+
+        An aborted stream (or one without a final usage) is charged at least the output it
+        relayed: its output count is then the estimate from the relayed text, never less.
+        """
+        actual = actual_tokens(self.settings.count_tokens, ex.meta.usage, res.input_estimate)
         status = ex.status
         request_delta = 0
         token_delta = 0
@@ -235,6 +256,31 @@ class Limiter:
                 out.append(Adjustment(check.spec.key, bucket, delta, check.spec.window,
                                       check.spec.granularity))
         return out
+
+    def _settle_late(self, ex: Exchange, checks: list[Check], tokens: int, input_est: int,
+                     output_est: int, decision: Decision | None) -> None:
+        """A reservation that timed out was run after all, and charged its counters: a
+        request refused for it (``on_error: closed``) gets it all back; one let through
+        (``open``) is reconciled like any admitted request, at its end or now."""
+        if decision is None or not decision.allowed:
+            return  # never ran, or refused: nothing was charged
+        res = Reservation(checks, decision.bucket, tokens, input_est, output_est)
+        try:
+            if self.settings.redis.on_error == "closed":
+                res.reconciled = True
+                self.store.adjust([
+                    Adjustment(c.spec.key, decision.bucket[c.spec.key], -c.spec.cost,
+                               c.spec.window, c.spec.granularity)
+                    for c in checks if c.spec.cost and c.spec.key in decision.bucket])
+                return
+            ex.reservation = res
+            if ex.finished:  # its terminal event found no reservation to reconcile
+                self.reconcile(ex, res)
+        except StoreError as exc:
+            if self._on_lost is not None:
+                self._on_lost(exc)
+        except Exception:  # runs on the late reply's greenlet: nobody else would see it
+            log.exception("settling a late rate-limit reservation failed")
 
     def reconcile(self, ex: Exchange, res: Reservation) -> None:
         """Apply :meth:`adjustments` once (raises StoreError when the backend fails)."""

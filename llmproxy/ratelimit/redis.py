@@ -12,19 +12,32 @@ two; the price is that a correction reaches other workers up to that delay later
 from __future__ import annotations
 
 import atexit
+import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
+import hiredis
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..socketpoll import readable_now
+from ..socketpoll import connected_now, readable_now
 from .store import Adjustment, CounterSpec, CounterState, Decision, StoreError
 
 HASH_TAG = "{rl}"
+#: How long the reply to a reservation that timed out is still awaited (by a greenlet of its
+#: own, on the abandoned connection), so that what it charged can be settled.
+LATE_REPLY_GRACE = 5.0
+#: At most this many such waits at once: an outage must not pile up sockets.
+MAX_LATE_WAITS = 64
+_late_waits = threading.BoundedSemaphore(MAX_LATE_WAITS)
+# Per thread (per greenlet under gevent): whether the running call wants its reply even after
+# a timeout (reservations only), and the late reply handed over when it timed out.
+_late_call = threading.local()
+_NO_REPLY = object()
 
 
 def _script_text(name: str) -> str:
@@ -34,13 +47,148 @@ def _script_text(name: str) -> str:
                      for n in ("clock.lua", "adjust.lua", name))
 
 
+class _PatientSocket:
+    """A connection's socket whose read timeout counts only when no reply is waiting.
+
+    Under load a gevent worker resumes a greenlet long after its reply arrived (every other
+    runnable greenlet goes first), and gevent then fires the timer rather than read the ready
+    socket. A reply already in the buffer is Redis having answered in time: it is read
+    instead of reported as a timeout, which ``on_error: open`` would turn into an unlimited
+    admission. A Redis that really is slow still times out.
+    """
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        try:
+            got: int = self._sock.recv_into(buffer, nbytes, flags)
+        except TimeoutError:
+            if not readable_now(self._sock):
+                raise
+            got = self._sock.recv_into(buffer, nbytes, flags)
+        return got
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        try:
+            data: bytes = self._sock.recv(bufsize, flags)
+        except TimeoutError:
+            if not readable_now(self._sock):
+                raise
+            data = self._sock.recv(bufsize, flags)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _LateReply:
+    """The reply to a call that timed out, read by :func:`_await_late` if Redis sends it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = False
+        self._value: Any = None
+        self._callbacks: list[Callable[[Any], None]] = []
+
+    def then(self, callback: Callable[[Any], None]) -> None:
+        with self._lock:
+            if not self._done:
+                self._callbacks.append(callback)
+                return
+        callback(self._value)
+
+    def deliver(self, value: Any) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done, self._value = True, value
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(value)
+
+
+def _await_late(sock: Any, late: _LateReply, grace: float) -> None:
+    """Read one reply off an abandoned connection within ``grace`` seconds, then close it."""
+    reply: Any = None
+    try:
+        reader = hiredis.Reader()
+        deadline = time.monotonic() + grace
+        got: Any = False
+        while got is False:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            data = sock.recv(65536)
+            if not data:
+                break
+            reader.feed(data)
+            got = reader.gets()
+        if got is not False and not isinstance(got, Exception):
+            reply = got
+    except (OSError, hiredis.ProtocolError):  # timeouts included: no reply, then
+        pass
+    finally:
+        try:
+            sock.close()
+        except OSError:
+            pass
+        _late_waits.release()
+        late.deliver(reply)
+
+
 class _CheapCheck:
     """redis-py's pool asks ``can_read()`` of every connection it hands out (leftover data
     means a reply was not consumed; EOF means the server closed it). When the socket has
     nothing waiting — the usual case — say so with a real zero-timeout poll (socketpoll.py)
-    instead of gevent's; anything else gets redis-py's own, thorough check."""
+    instead of gevent's; anything else gets redis-py's own, thorough check. Its socket is a
+    :class:`_PatientSocket`."""
 
     _sock: Any
+    disconnect: Callable[..., None]  # redis-py's
+
+    def _connect(self) -> Any:
+        return _PatientSocket(super()._connect())  # type: ignore[misc]
+
+    def send_command(self, *args: Any, **kwargs: Any) -> None:
+        # Armed for the reservation script only, not for a new connection's handshake.
+        self._late_armed = bool(args) and args[0] in ("EVALSHA", "EVAL") and \
+            getattr(_late_call, "wanted", False)
+        super().send_command(*args, **kwargs)  # type: ignore[misc]
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        """redis-py's, except that a reservation that times out keeps its connection open
+        for its reply (see :meth:`_hand_over`): Redis may run the script after all."""
+        armed, self._late_armed = getattr(self, "_late_armed", False), False
+        if not armed or kwargs.get("disconnect_on_error") is False:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        kwargs["disconnect_on_error"] = False
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except redis.TimeoutError:
+            self._hand_over()
+            raise
+        except redis.ResponseError:  # an error reply: the connection is sound
+            raise
+        except BaseException:
+            self.disconnect()
+            raise
+
+    def _hand_over(self) -> None:
+        """Give the socket to a greenlet that waits for the late reply, and disconnect."""
+        sock = self._sock
+        late = None
+        if sock is not None and not self._buffered() and _late_waits.acquire(blocking=False):
+            self._sock = None  # the next call on this connection gets a fresh socket
+            late = _LateReply()
+        self.disconnect()
+        if late is not None:
+            _late_call.reply = late
+            threading.Thread(target=_await_late, args=(sock, late, LATE_REPLY_GRACE),
+                             name="redis-late-reply", daemon=True).start()
 
     def can_read(self, timeout: float = 0) -> bool:
         sock = self._sock
@@ -63,11 +211,43 @@ class _CheapCheck:
         return True
 
 
-class _Connection(_CheapCheck, redis.Connection):
+class _PatientConnect(redis.Connection):
+    """redis-py's TCP connect, but a connect timeout counts only when the connection is not
+    established by the time the greenlet looks (the same reason as :class:`_PatientSocket`:
+    a burst that grows the pool opens many connections while the worker is busiest)."""
+
+    def _connect(self) -> Any:
+        err: OSError | None = None
+        for family, socktype, proto, _, address in socket.getaddrinfo(
+                self.host, self.port, self.socket_type, socket.SOCK_STREAM):
+            sock = None
+            try:
+                sock = socket.socket(family, socktype, proto)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.socket_keepalive:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                    for k, v in self.socket_keepalive_options.items():
+                        sock.setsockopt(socket.IPPROTO_TCP, k, v)
+                sock.settimeout(self.socket_connect_timeout)
+                try:
+                    sock.connect(address)
+                except TimeoutError:
+                    if not connected_now(sock):
+                        raise
+                sock.settimeout(self.socket_timeout)
+                return sock
+            except OSError as exc:
+                err = exc
+                if sock is not None:
+                    sock.close()
+        raise err if err is not None else OSError("getaddrinfo returned nothing")
+
+
+class _Connection(_CheapCheck, _PatientConnect):
     pass
 
 
-class _SSLConnection(_CheapCheck, redis.SSLConnection):
+class _SSLConnection(_CheapCheck, redis.SSLConnection, _PatientConnect):  # TLS over it
     pass
 
 
@@ -78,21 +258,63 @@ class _UnixConnection(_CheapCheck, redis.UnixDomainSocketConnection):
 _CONNECTION_CLASSES = {"redis": _Connection, "rediss": _SSLConnection, "unix": _UnixConnection}
 
 
-def connect(url: str, timeout_ms: int) -> redis.Redis:
+#: Pool size when none is given (tests, scripts): gunicorn's default worker_connections + 1.
+DEFAULT_MAX_CONNECTIONS = 4097
+
+
+def connect(url: str, timeout_ms: int,
+            max_connections: int = DEFAULT_MAX_CONNECTIONS) -> redis.Redis:
     """A client that fails fast: short timeouts and no retries (the caller applies on_error).
 
-    The connection pool reconnects on the next command, so service resumes by itself once
-    Redis is back.
+    The pool holds up to ``max_connections``, sized to the worker's concurrency so that a
+    call never finds it exhausted (redis-py's default pool refuses the 101st concurrent call,
+    which ``on_error: open`` would let through unlimited). Should every connection be busy
+    anyway, a call waits for one up to the same timeout. Connections are opened as needed and
+    the pool reconnects on the next command, so service resumes by itself once Redis is back.
     """
     timeout = timeout_ms / 1000
-    return redis.Redis.from_url(
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
         connection_class=_CONNECTION_CLASSES[url.split("://", 1)[0].lower()],
     )
+    return redis.Redis(connection_pool=pool)
+
+
+def _decision(specs: Sequence[CounterSpec], reply: Any) -> Decision:
+    """reserve.lua's reply as a :class:`Decision`."""
+    allowed = bool(int(reply[0]))
+    charged: dict[str, int] = {}
+    states: list[CounterState] = []
+    for i, spec in enumerate(specs):
+        bucket, used, retry, reset = (int(v) for v in reply[2 + 4 * i: 6 + 4 * i])
+        if allowed:
+            charged[spec.key] = bucket
+        states.append(CounterState(used, None if retry < 0 else retry / 1000, reset / 1000))
+    return Decision(allowed, charged, states)
+
+
+class _LateDecision:
+    """A :class:`~.store.LateDecision` from the late reply of a reservation."""
+
+    def __init__(self, late: _LateReply, specs: Sequence[CounterSpec]) -> None:
+        self._late = late
+        self._specs = list(specs)
+
+    def then(self, callback: Callable[[Decision | None], None]) -> None:
+        def convert(raw: Any) -> None:
+            try:
+                decision = None if raw is None else _decision(self._specs, raw)
+            except (TypeError, ValueError, LookupError):  # not reserve.lua's reply
+                decision = None
+            callback(decision)
+
+        self._late.then(convert)
 
 
 # (counter key, bucket, granularity, span, refund?) -> summed delta. Refunds and charges are
@@ -149,21 +371,22 @@ class RedisStore:
         carried = self._take_pending()
         if carried:
             self._add_corrections(keys, args, carried)
+        _late_call.wanted, _late_call.reply = True, None
         try:
             reply = self._run(self._reserve, keys, args)
         except StoreError as exc:
+            late: _LateReply | None = _late_call.reply
+            if late is not None:
+                exc.late = _LateDecision(late, specs)
             if carried:
-                self._lost(exc)
+                if late is None:
+                    self._lost(exc)
+                else:  # the script may still run, and apply them
+                    late.then(self._lost_unless_answered(exc))
             raise
-        allowed = bool(int(reply[0]))
-        charged: dict[str, int] = {}
-        states: list[CounterState] = []
-        for i, spec in enumerate(specs):
-            bucket, used, retry, reset = (int(v) for v in reply[2 + 4 * i: 6 + 4 * i])
-            if allowed:
-                charged[spec.key] = bucket
-            states.append(CounterState(used, None if retry < 0 else retry / 1000, reset / 1000))
-        return Decision(allowed, charged, states)
+        finally:
+            _late_call.wanted, _late_call.reply = False, None
+        return _decision(specs, reply)
 
     def adjust(self, adjustments: Sequence[Adjustment]) -> None:
         """Apply corrections now, or (``reconcile_delay`` > 0) queue them; see the module doc."""
@@ -226,6 +449,12 @@ class RedisStore:
         args: list[str | int] = [self._now_arg()]
         self._add_corrections(keys, args, todo)
         self._run(self._reconcile, keys, args)
+
+    def _lost_unless_answered(self, exc: StoreError) -> Callable[[Any], None]:
+        def settle(raw: Any) -> None:
+            if raw is None:
+                self._lost(exc)
+        return settle
 
     def _lost(self, exc: StoreError) -> None:
         if self.on_lost is not None:

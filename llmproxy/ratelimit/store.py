@@ -11,7 +11,7 @@ longer than strictly necessary.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,8 +20,19 @@ from typing import Protocol
 # __init__ costs about five times as much (object.__setattr__ per field).
 
 
+class LateDecision(Protocol):
+    """The decision of a reservation that timed out after it was sent, should it come."""
+
+    def then(self, callback: Callable[[Decision | None], None]) -> None:
+        """Call ``callback`` once with the decision, or None if none came in time."""
+
+
 class StoreError(Exception):
     """The backend could not answer (connection refused, timeout, script error...)."""
+
+    #: Set when a reservation timed out after it was sent: the backend may still have run
+    #: it, and charged its counters. Whoever handles the error settles it when it comes.
+    late: LateDecision | None = None
 
 
 @dataclass(slots=True)

@@ -27,6 +27,54 @@ _INFLATE_PIECE = 256 * 1024  # inflate in bounded pieces: a small gzip chunk can
 
 _SSE, _ARRAY, _BODY = 1, 2, 3
 
+#: Content codings this reader decodes; providers are asked for no other (see
+#: :func:`readable_accept_encoding`), so no response escapes the usage count.
+DECODED_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity"})
+_WILDCARD_CODINGS = ("gzip", "deflate")
+
+
+def readable_accept_encoding(value: str) -> str:
+    """A client's ``Accept-Encoding`` cut down to the codings this reader decodes.
+
+    Codings the reader cannot inflate (br, zstd, ...) are dropped, ``*`` stands for gzip and
+    deflate, and when nothing acceptable is left the answer is ``identity`` (every client
+    reads an uncompressed body). Linear in the header's length.
+    """
+    kept: list[str] = []
+    named: set[str] = set()
+    wildcard: str | None = None
+    for item in value.split(","):
+        coding, sep, params = item.strip().partition(";")
+        coding = coding.strip().lower()
+        if not coding:
+            continue
+        weight = _weight(params) if sep else 1.0
+        if weight is None:  # unreadable parameters: not an offer the proxy understands
+            continue
+        named.add(coding)
+        if coding == "*":
+            wildcard = (f";{params.strip()}" if sep else "") if weight > 0 else None
+        elif coding in DECODED_CODINGS and weight > 0:
+            kept.append(item.strip())
+    if wildcard is not None:
+        kept += [c + wildcard for c in _WILDCARD_CODINGS if c not in named]
+    return ", ".join(kept) if kept else "identity"
+
+
+def _weight(params: str) -> float | None:
+    """The ``q`` of one Accept-Encoding entry (1 when absent), None when malformed."""
+    weight = 1.0
+    for param in params.split(";"):
+        name, _, val = param.strip().partition("=")
+        if name.strip().lower() == "q":
+            try:
+                weight = float(val.strip())
+            except ValueError:
+                return None
+            if not 0.0 <= weight <= 1.0:
+                return None
+    return weight
+
 
 class Handler(Protocol):
     """What a dialect's usage handler takes (see ``providers/base.py``)."""

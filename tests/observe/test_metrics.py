@@ -287,22 +287,33 @@ def test_ready_without_rate_limiting(app_with: Callable[..., Any]) -> None:
     assert body["checks"]["config"]["ok"] is True
 
 
+@pytest.mark.parametrize("on_error", ["open", "closed"])
 def test_ready_follows_the_redis_backend(app_with: Callable[..., Any],
-                                         redis_server: RedisServer) -> None:
+                                         redis_server: RedisServer, on_error: str) -> None:
+    """Ready means "can serve": with on_error: open a Redis outage lets requests through
+    (unlimited), so the worker stays ready and says Redis is down; closed refuses them."""
     app = app_with(features={"rate_limiting": {"enabled": True, "backend": "redis",
-                                               "redis": {"url": redis_server.url}}})
+                                               "redis": {"url": redis_server.url,
+                                                         "on_error": on_error}}})
     client = app.test_client()
     resp = client.get("/health/ready")
     assert resp.status_code == 200, resp.get_json()
-    assert resp.get_json()["checks"]["ratelimit_backend"]["backend"] == "redis"
+    check = resp.get_json()["checks"]["ratelimit_backend"]
+    assert (check["backend"], check["available"]) == ("redis", True)
 
     redis_server.kill()  # the fixture restarts it for the next test
     started = time.monotonic()
     resp = client.get("/health/ready")
-    assert resp.status_code == 503
     body = resp.get_json()
-    assert body["status"] == "not_ready"
-    assert body["checks"]["ratelimit_backend"]["ok"] is False
+    check = body["checks"]["ratelimit_backend"]
+    assert check["available"] is False and check["on_error"] == on_error
+    assert check["error"]  # the error's class only: a message may name the URL
+    if on_error == "open":
+        assert resp.status_code == 200
+        assert body["status"] == "ready" and check["ok"] is True
+    else:
+        assert resp.status_code == 503
+        assert body["status"] == "not_ready" and check["ok"] is False
     assert time.monotonic() - started < 2  # the store's own short timeout, no retries
     assert client.get("/health").status_code == 200  # liveness is not readiness
 
