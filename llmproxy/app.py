@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ from .health import bp as health_bp
 from .pricing import PricingTable
 from .providers import build as build_provider
 from .state import EXTENSION_KEY, ProxyState, get_state
+from .telemetry import parse_telemetry
 from .upstream import Upstream
 
 #: Response headers browsers may read: ours, the rate-limit ones and the providers' ids.
@@ -54,6 +56,13 @@ def build_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     # also the one listener kept for requests that reach no provider (404s, /health).
     state.on_finish(logs.exchange_logger(PricingTable(settings.raw.get("pricing"))))
     state.on_finish(health.observe)
+    # -- telemetry hook: OpenTelemetry spans and metrics; nothing registered when off --
+    telemetry_settings = parse_telemetry(settings.raw.get("telemetry"), os.environ)
+    if telemetry_settings.enabled:
+        from .telemetry import install as install_telemetry
+
+        state.on_finish(install_telemetry(app, telemetry_settings,
+                                          {n: p.base_url for n, p in providers.items()}))
     app.extensions[EXTENSION_KEY] = state
 
     CORS(app, origins=settings.cors_origins, max_age=settings.cors_max_age,

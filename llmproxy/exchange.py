@@ -56,6 +56,11 @@ class Exchange:
     request_info: Any = None  # llmproxy.request_info.RequestInfo when the body was inspected
     extras: dict[str, Any] = field(default_factory=dict)
     duration: float | None = None
+    # Streams: response chunks relayed and when the last one arrived (monotonic), for the
+    # time per output chunk; the relay updates both per chunk, nothing else.
+    chunks: int = 0
+    last_chunk_at: float | None = None
+    span: Any = None  # the OpenTelemetry span of this call, when telemetry is on
     _listeners: tuple[FinishListener, ...] = ()
     _finished: bool = False
 

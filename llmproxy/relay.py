@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +23,7 @@ import gevent
 import requests
 from flask import Response, current_app, g, request
 
-from . import identity
+from . import identity, telemetry
 from .errors import error_response, stream_error_event
 from .exchange import CLIENT_ABORTED, COMPLETED, UPSTREAM_ERROR, Exchange
 from .health import UPSTREAM_STATUS
@@ -139,6 +140,10 @@ def prepare() -> Response | None:
     g.exchange = ex
     g.upstream_url = url
     g.body = body
+    # -- telemetry hook: the call is identified, its span starts (nothing when off) --
+    tel = current_app.extensions.get(telemetry.EXTENSION_KEY)
+    if tel is not None:
+        ex.span = tel.start(ex, headers)
     return None
 
 
@@ -160,6 +165,8 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
                          "Transfer-Encoding other than chunked is not supported.")
         body = BodyStream(request.stream, None, state.settings.max_body_bytes)
     headers = request_headers(request.headers.items())
+    if ex.span is not None:  # telemetry hook: the provider sees the proxy's span as parent
+        current_app.extensions[telemetry.EXTENSION_KEY].inject(ex, headers)
     try:
         resp = _send_watching_client(state, request.method, g.upstream_url, headers, body,
                                      request.environ.get("gunicorn.socket"))
@@ -310,6 +317,8 @@ def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: R
             if ex.ttfb is None:
                 ex.mark_first_byte()
             ex.response_bytes += len(chunk)
+            ex.chunks += 1
+            ex.last_chunk_at = time.monotonic()
             parser.feed(chunk)
             yield chunk
     except UpstreamError as exc:

@@ -1,0 +1,745 @@
+"""OpenTelemetry: a GenAI span for every proxied call and the GenAI client metrics, over OTLP.
+
+Off unless configured (``telemetry:`` in the config, or the standard ``OTEL_*`` variables).
+When off, nothing of OpenTelemetry is imported and nothing is registered. When on, every
+identified call gets one span of kind CLIENT, started at the end of ``relay.prepare`` and
+ended by a terminal-event listener, and the relay names that span to the provider in a
+``traceparent`` header. The SDK (providers, batch processor, periodic metric reader, OTLP
+exporters) is set up lazily in the process that serves requests, never in the gunicorn
+master, and shut down (open spans ended, queues flushed) when that process exits. Prompt and
+completion content is never recorded. See docs/telemetry.md.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from .config import ConfigError
+from .exchange import CLIENT_ABORTED, UPSTREAM_ERROR, Exchange
+from .pricing import is_token_count, normalized_tokens
+
+if TYPE_CHECKING:
+    from flask import Flask
+    from opentelemetry.metrics import Histogram, MeterProvider
+    from opentelemetry.trace import TracerProvider
+
+# =============================================================================================
+# Settings: the `telemetry:` section and the standard OTEL_* variables -> TelemetrySettings.
+# Pure (no OpenTelemetry import); raises ConfigError naming the key or the variable.
+# =============================================================================================
+
+PROTOCOLS = ("http/protobuf", "grpc")
+SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on",
+            "parentbased_always_off", "parentbased_traceidratio")
+_KEYS = frozenset({"enabled", "endpoint", "protocol", "service_name", "traces", "metrics",
+                   "metric_export_interval_ms", "propagate", "propagate_except"})
+_DEFAULT_ENDPOINT = {"http/protobuf": "http://localhost:4318", "grpc": "http://localhost:4317"}
+_HTTP_PATHS = {"traces": "/v1/traces", "metrics": "/v1/metrics"}
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySettings:
+    """Resolved telemetry settings; a signal whose endpoint is ``None`` is not exported."""
+
+    enabled: bool = False
+    traces_endpoint: str | None = None  # full URL (OTLP/HTTP: with /v1/traces)
+    traces_protocol: str = "http/protobuf"
+    metrics_endpoint: str | None = None
+    metrics_protocol: str = "http/protobuf"
+    service_name: str = "llmproxy"
+    metric_export_interval_ms: int = 60000
+    propagate: bool = True  # send a traceparent naming the proxy's span to the provider
+    propagate_except: frozenset[str] = frozenset()  # provider routes that get none
+
+
+def _env_bool(environ: Mapping[str, str], name: str) -> bool:
+    value = environ.get(name, "").strip().lower()
+    if value not in ("", "true", "false"):
+        raise ConfigError(name, f"must be true or false, got {value!r}")
+    return value == "true"
+
+
+def _flag(section: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = section.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"telemetry.{key}", f"must be true or false, got {value!r}")
+    return value
+
+
+def _url(value: str, where: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(where, f"must be an http(s) URL, got {value!r}")
+    return value
+
+
+def _protocol(value: str, where: str) -> str:
+    if value not in PROTOCOLS:
+        raise ConfigError(where, f"must be one of {', '.join(PROTOCOLS)}, got {value!r}")
+    return value
+
+
+def _signal(signal: str, on: bool, auto: bool, base: str | None, protocol: str,
+            environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """(endpoint or None, protocol) of one signal, with the OTEL_* precedence rules."""
+    upper = signal.upper()
+    protocol = _protocol(environ.get(f"OTEL_EXPORTER_OTLP_{upper}_PROTOCOL", "").strip()
+                         or protocol, f"OTEL_EXPORTER_OTLP_{upper}_PROTOCOL")
+    exporter = environ.get(f"OTEL_{upper}_EXPORTER", "otlp").strip().lower() or "otlp"
+    if exporter not in ("otlp", "none"):
+        raise ConfigError(f"OTEL_{upper}_EXPORTER", f"must be otlp or none, got {exporter!r}")
+    own = environ.get(f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT", "").strip()
+    if not on or exporter == "none" or (auto and not own and not base):
+        return None, protocol
+    if own:  # a signal's own endpoint is used exactly as given
+        return _url(own, f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT"), protocol
+    root = (base or _DEFAULT_ENDPOINT[protocol]).rstrip("/")
+    return (root + _HTTP_PATHS[signal] if protocol == "http/protobuf" else root), protocol
+
+
+def parse_telemetry(raw_section: Any, environ: Mapping[str, str]) -> TelemetrySettings:
+    """The ``telemetry:`` section and the OTEL_* variables (which win) as settings.
+
+    ``enabled: auto`` (the default) turns telemetry on when an OTLP endpoint is given, in
+    the section or in ``OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]ENDPOINT``; ``OTEL_SDK_DISABLED=true``
+    turns it off whatever else is set.
+    """
+    section: Mapping[str, Any] = {} if raw_section is None else raw_section
+    if not isinstance(section, Mapping):
+        raise ConfigError("telemetry", "must be a mapping")
+    unknown = sorted(str(k) for k in set(section) - _KEYS)
+    if unknown:
+        raise ConfigError(f"telemetry.{unknown[0]}", "unknown key")
+    enabled = section.get("enabled", "auto")
+    if enabled not in ("auto", True, False):
+        raise ConfigError("telemetry.enabled", f"must be auto, true or false, got {enabled!r}")
+    if _env_bool(environ, "OTEL_SDK_DISABLED") or enabled is False:
+        return TelemetrySettings()
+    auto = enabled == "auto"
+
+    endpoint = section.get("endpoint") or None
+    if endpoint is not None and not isinstance(endpoint, str):
+        raise ConfigError("telemetry.endpoint", f"must be a URL, got {endpoint!r}")
+    if endpoint is not None:
+        _url(endpoint, "telemetry.endpoint")
+    env_endpoint = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    base = _url(env_endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT") if env_endpoint else endpoint
+    protocol = environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip()
+    protocol = _protocol(protocol, "OTEL_EXPORTER_OTLP_PROTOCOL") if protocol else _protocol(
+        str(section.get("protocol", "http/protobuf")), "telemetry.protocol")
+    traces, traces_protocol = _signal("traces", _flag(section, "traces", True), auto, base,
+                                      protocol, environ)
+    metrics, metrics_protocol = _signal("metrics", _flag(section, "metrics", True), auto,
+                                        base, protocol, environ)
+
+    service = environ.get("OTEL_SERVICE_NAME", "").strip() or section.get("service_name")
+    if service is None:
+        service = "llmproxy"
+    if not isinstance(service, str) or not service:
+        raise ConfigError("telemetry.service_name", f"must be a non-empty string, got {service!r}")
+
+    interval: Any = section.get("metric_export_interval_ms", 60000)
+    where = "telemetry.metric_export_interval_ms"
+    if environ.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip():
+        where = "OTEL_METRIC_EXPORT_INTERVAL"
+        try:
+            interval = int(environ["OTEL_METRIC_EXPORT_INTERVAL"])
+        except ValueError:
+            raise ConfigError(where, "must be an integer (milliseconds)") from None
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ConfigError(where, f"must be an integer >= 1 (milliseconds), got {interval!r}")
+
+    sampler = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if sampler and sampler not in SAMPLERS:
+        raise ConfigError("OTEL_TRACES_SAMPLER", f"must be one of {', '.join(SAMPLERS)}")
+    arg = environ.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if sampler.endswith("traceidratio") and arg:
+        try:
+            ratio = float(arg)
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError("OTEL_TRACES_SAMPLER_ARG", f"must be a ratio in [0, 1], got {arg!r}")
+
+    except_: Any = section.get("propagate_except") or []
+    if not isinstance(except_, list) or not all(isinstance(n, str) for n in except_):
+        raise ConfigError("telemetry.propagate_except", "must be a list of provider names")
+    on = traces is not None or metrics is not None
+    return TelemetrySettings(
+        enabled=on, traces_endpoint=traces, traces_protocol=traces_protocol,
+        metrics_endpoint=metrics, metrics_protocol=metrics_protocol, service_name=service,
+        metric_export_interval_ms=interval, propagate=_flag(section, "propagate", True),
+        propagate_except=frozenset(except_))
+
+
+# =============================================================================================
+# Runtime: spans, metrics, propagation, SDK set-up per process.
+# =============================================================================================
+
+EXTENSION_KEY = "llmproxy.telemetry"
+log = logging.getLogger("llmproxy.telemetry")
+
+# The proxy's own span attributes (the GenAI ones come from the semantic-conventions package).
+REQUEST_ID = "llmproxy.request.id"
+OUTCOME = "llmproxy.outcome"
+KEY_FINGERPRINT = "llmproxy.key.fingerprint"
+USER = "llmproxy.user"
+USER_SOURCE = "llmproxy.user.source"
+COST_USD = "llmproxy.cost.usd"
+RATELIMIT_DECISION = "llmproxy.ratelimit.decision"
+RATELIMIT_POLICY = "llmproxy.ratelimit.policy"
+ROUTE = "llmproxy.provider.route"
+INTERRUPTED = "interrupted"  # outcome of a span still open when the process exits
+
+# The conventions' advised bucket boundaries: tokens 4^0 .. 4^13; seconds 0.01 * 2^0 .. 2^13
+# (also used for the two stream timings, which the conventions leave to the duration's).
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                 16777216, 67108864)
+SECONDS_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                   40.96, 81.92)
+
+# Well-known provider hosts; any other route is named by its configured name.
+_PROVIDER_HOSTS = {
+    "api.openai.com": "OPENAI", "api.anthropic.com": "ANTHROPIC",
+    "generativelanguage.googleapis.com": "GCP_GEMINI", "api.groq.com": "GROQ",
+    "api.mistral.ai": "MISTRAL_AI", "api.deepseek.com": "DEEPSEEK", "api.x.ai": "X_AI",
+    "api.perplexity.ai": "PERPLEXITY", "api.cohere.com": "COHERE",
+}
+_PROVIDER_ROUTES = {"openai": "OPENAI", "anthropic": "ANTHROPIC", "gemini": "GCP_GEMINI",
+                    "groq": "GROQ"}
+MAX_VALUE_CHARS = 256  # request-supplied strings (the model) are clipped to this
+COUNT_TOKENS = "count_tokens"  # free token-count routes: not a GenAI operation of the conventions
+OTHER = "other"  # any route that is not one of the operations below (model lists, files, ...)
+
+
+def _operation_table(values: Any) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Path endings per dialect -> ``gen_ai.operation.name`` (first match wins)."""
+    chat, text = values.CHAT.value, values.TEXT_COMPLETION.value
+    embeddings, generate = values.EMBEDDINGS.value, values.GENERATE_CONTENT.value
+    openai = (("/chat/completions", chat), ("/completions", text), ("/responses", chat),
+              ("/embeddings", embeddings), ("/images/generations", generate),
+              ("/images/edits", generate), ("/audio/speech", generate))
+    return {
+        "openai": openai,
+        "anthropic": (("/messages", chat), ("/messages/count_tokens", COUNT_TOKENS),
+                      ("/complete", text)),
+        "gemini": ((":generateContent", generate), (":streamGenerateContent", generate),
+                   (":embedContent", embeddings), (":batchEmbedContents", embeddings),
+                   (":countTokens", COUNT_TOKENS)) + openai,  # + its OpenAI-compatible routes
+    }
+
+
+def operation_name(table: Mapping[str, tuple[tuple[str, str], ...]], dialect: str | None,
+                   upstream_path: str) -> str:
+    path = upstream_path.partition("?")[0].rstrip("/")
+    for ending, name in table.get(dialect or "", ()):
+        if path.endswith(ending):
+            return name
+    return OTHER
+
+
+def exchange_cost(ex: Exchange) -> float | None:
+    """The call's cost in USD as priced by the first terminal-event listener (or None)."""
+    cost = ex.extras.get("cost_usd")
+    return float(cost) if isinstance(cost, (int, float)) else None
+
+
+def ratelimit_decision(ex: Exchange) -> tuple[str, str | None] | None:
+    """(``allowed`` | ``denied`` | ``unavailable``, the deciding policy), or None when no
+    limit applied: the one place that knows where the rate limiter keeps its decision."""
+    denial = ex.extras.get("ratelimit_denial")
+    if denial is not None or ex.error_kind == "rate_limited":
+        check = getattr(denial, "check", None)
+        return "denied", getattr(check, "policy_name", None)
+    if ex.error_kind == "ratelimit_unavailable":
+        return "unavailable", None
+    reservation = ex.extras.get("ratelimit")
+    if reservation is not None:
+        tightest = getattr(reservation, "tightest", None)
+        return "allowed", tightest[0].policy_name if tightest else None
+    return None
+
+
+def _value(v: Any) -> Any:
+    """Enum members as their value (outcomes and error kinds may be str enums)."""
+    return getattr(v, "value", v)
+
+
+def error_type(ex: Exchange) -> str | None:
+    """``error.type`` of a failed call: the proxy's error kind, else the HTTP status, else
+    how the stream ended; None for a success."""
+    if ex.error_kind:
+        return str(_value(ex.error_kind))
+    if ex.status is not None and ex.status >= 400:
+        return str(ex.status)
+    outcome = _value(ex.outcome)
+    if outcome in (CLIENT_ABORTED, UPSTREAM_ERROR):
+        return str(outcome)
+    if ex.meta.error:  # an error event inside a 200 stream: its message stays out
+        return "stream_error"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Keys:
+    """Attribute names from the semantic-conventions package, imported only when on."""
+
+    operation: str
+    provider: str
+    request_model: str
+    request_stream: str
+    max_tokens: str
+    response_model: str
+    response_id: str
+    finish_reasons: str
+    time_to_first_chunk: str
+    input_tokens: str
+    output_tokens: str
+    cache_read: str
+    cache_creation: str
+    reasoning: str
+    token_type: str
+    server_address: str
+    server_port: str
+    error_type: str
+    status_code: str
+
+
+def _keys() -> tuple[_Keys, Any, Any]:
+    from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as g
+    from opentelemetry.semconv.attributes import (
+        error_attributes,
+        http_attributes,
+        server_attributes,
+    )
+
+    keys = _Keys(
+        operation=g.GEN_AI_OPERATION_NAME, provider=g.GEN_AI_PROVIDER_NAME,
+        request_model=g.GEN_AI_REQUEST_MODEL, request_stream=g.GEN_AI_REQUEST_STREAM,
+        max_tokens=g.GEN_AI_REQUEST_MAX_TOKENS, response_model=g.GEN_AI_RESPONSE_MODEL,
+        response_id=g.GEN_AI_RESPONSE_ID, finish_reasons=g.GEN_AI_RESPONSE_FINISH_REASONS,
+        time_to_first_chunk=g.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK,
+        input_tokens=g.GEN_AI_USAGE_INPUT_TOKENS, output_tokens=g.GEN_AI_USAGE_OUTPUT_TOKENS,
+        cache_read=g.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS,
+        cache_creation=g.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS,
+        reasoning=g.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, token_type=g.GEN_AI_TOKEN_TYPE,
+        server_address=server_attributes.SERVER_ADDRESS,
+        server_port=server_attributes.SERVER_PORT, error_type=error_attributes.ERROR_TYPE,
+        status_code=http_attributes.HTTP_RESPONSE_STATUS_CODE,
+    )
+    return keys, g.GenAiOperationNameValues, g.GenAiProviderNameValues
+
+
+def _clip(value: str | None) -> str | None:
+    return value[:MAX_VALUE_CHARS] if value else None
+
+
+class _Throttle(logging.Filter):
+    """Let one record per message template through every ``every`` seconds: an unreachable
+    collector fails every export, and that deserves a warning, not a flood."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        super().__init__()
+        self.every = every
+        self._last: dict[tuple[str, object], float] = {}
+        self._skipped: dict[tuple[str, object], int] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -self.every) < self.every:
+                self._skipped[key] = self._skipped.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            skipped = self._skipped.pop(key, 0)
+        if skipped:
+            record.msg = f"{record.msg} ({skipped} similar messages in the last period)"
+        return True
+
+
+def _route_sdk_logs() -> None:
+    """The SDK's and exporters' own warnings go out like the proxy's logs, throttled."""
+    ours = logging.getLogger("llmproxy").handlers
+    handler = logging.StreamHandler(sys.stderr)
+    if ours:
+        handler.setFormatter(ours[0].formatter)
+    handler.addFilter(_Throttle())
+    sdk = logging.getLogger("opentelemetry")
+    sdk.handlers[:] = [handler]
+    sdk.setLevel(logging.WARNING)
+    sdk.propagate = False
+
+
+_grpc_gevent_ready = False
+
+
+def _grpc_under_gevent() -> None:
+    """gRPC's C core blocks the whole process while it waits, which under gevent means every
+    request of the worker: switch it to gevent's loop once, before any gRPC object exists."""
+    global _grpc_gevent_ready
+    monkey = sys.modules.get("gevent.monkey")
+    if _grpc_gevent_ready or monkey is None or not monkey.is_module_patched("socket"):
+        return
+    import grpc.experimental.gevent as grpc_gevent
+
+    grpc_gevent.init_gevent()
+    _grpc_gevent_ready = True
+
+
+def _span_exporter(endpoint: str, protocol: str) -> Any:
+    if protocol == "grpc":
+        _grpc_under_gevent()
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcSpanExporter,
+        )
+
+        return GrpcSpanExporter(endpoint=endpoint)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(endpoint=endpoint)
+
+
+def _metric_exporter(endpoint: str, protocol: str) -> Any:
+    if protocol == "grpc":
+        _grpc_under_gevent()
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+            OTLPMetricExporter as GrpcMetricExporter,
+        )
+
+        return GrpcMetricExporter(endpoint=endpoint)
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+    return OTLPMetricExporter(endpoint=endpoint)
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """What never changes for a provider route: its span attributes and propagation."""
+
+    attributes: dict[str, Any]  # gen_ai.provider.name, server.address, server.port
+    propagate: bool
+
+
+class Telemetry:
+    """Spans and metrics of one app; the SDK objects exist once per serving process."""
+
+    def __init__(self, settings: TelemetrySettings, routes: Mapping[str, str]) -> None:
+        from opentelemetry import trace
+        from opentelemetry.context import Context
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self.settings = settings
+        self.keys, operations, provider_names = _keys()
+        self._operations = _operation_table(operations)
+        self._routes: dict[str, _Route] = {}
+        k = self.keys
+        for name, base_url in routes.items():
+            parts = urlsplit(base_url)
+            known = _PROVIDER_HOSTS.get(parts.hostname or "") or _PROVIDER_ROUTES.get(name)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            self._routes[name] = _Route(
+                {k.provider: getattr(provider_names, known).value if known else name,
+                 k.server_address: parts.hostname or "", k.server_port: port},
+                settings.propagate and name not in settings.propagate_except)
+        self._trace = trace
+        self._kind = SpanKind.CLIENT
+        self._error = Status(StatusCode.ERROR)
+        self._root = Context()  # no incoming traceparent: the span starts a trace
+        self._propagator = TraceContextTextMapPropagator()
+        self._untraced = trace.INVALID_SPAN  # marks a call when only metrics are exported
+        self._tracer: Any = None
+        self._meter_provider: Any = None
+        self._tracer_provider: Any = None
+        self._duration: Histogram | None = None
+        self._tokens: Histogram | None = None
+        self._ttfc: Histogram | None = None
+        self._tpoc: Histogram | None = None
+        self._open: set[Exchange] = set()  # calls whose recording span has not ended
+        self._lock = threading.Lock()
+        self._ready = False
+        self._closed = False
+        forked = weakref.WeakMethod(self._forked)  # the hook must not keep old apps alive
+
+        def after_fork() -> None:
+            method = forked()
+            if method is not None:
+                method()
+
+        os.register_at_fork(after_in_child=after_fork)
+
+    # -- per-process SDK ----------------------------------------------------------------------
+    def _forked(self) -> None:
+        """A forked child sets up its own SDK: threads and sockets do not survive a fork."""
+        self._ready = False
+        self._closed = False
+        self._open = set()
+        self._lock = threading.Lock()
+
+    def use(self, tracer_provider: TracerProvider | None,
+            meter_provider: MeterProvider | None) -> None:
+        """Use these providers instead of OTLP exporters (tests: in-memory exporters)."""
+        with self._lock:
+            self._install(tracer_provider, meter_provider)
+            self._ready = True
+
+    def _setup(self) -> None:
+        with self._lock:
+            if self._ready:
+                return
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+            from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+            from opentelemetry.semconv._incubating.attributes.process_attributes import (
+                PROCESS_PID,
+            )
+            from opentelemetry.semconv.attributes import service_attributes as service
+
+            from .buildinfo import __version__
+
+            _route_sdk_logs()
+            s = self.settings
+            # Every worker is an instance of its own: its cumulative metrics must not merge
+            # with another worker's. OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES still win.
+            resource = Resource.create({
+                service.SERVICE_NAME: s.service_name, service.SERVICE_VERSION: __version__,
+                service.SERVICE_INSTANCE_ID: str(uuid.uuid4()), PROCESS_PID: os.getpid(),
+            }).merge(OTELResourceDetector().detect())
+            tracer_provider = meter_provider = None
+            if s.traces_endpoint is not None:
+                tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+                tracer_provider.add_span_processor(BatchSpanProcessor(
+                    _span_exporter(s.traces_endpoint, s.traces_protocol)))
+            if s.metrics_endpoint is not None:
+                reader = PeriodicExportingMetricReader(
+                    _metric_exporter(s.metrics_endpoint, s.metrics_protocol),
+                    export_interval_millis=s.metric_export_interval_ms)
+                meter_provider = MeterProvider([reader], resource=resource,
+                                               shutdown_on_exit=False)
+            self._install(tracer_provider, meter_provider)
+            self._ready = True
+            atexit.register(self.shutdown)
+            log.info("telemetry on: traces %s, metrics %s (pid %d)",
+                     s.traces_endpoint or "off", s.metrics_endpoint or "off", os.getpid())
+
+    def _install(self, tracer_provider: Any, meter_provider: Any) -> None:
+        from opentelemetry.semconv._incubating.metrics import gen_ai_metrics as m
+
+        from .buildinfo import __version__
+
+        self._tracer_provider = tracer_provider
+        self._tracer = tracer_provider.get_tracer("llmproxy", __version__) \
+            if tracer_provider is not None else None
+        self._meter_provider = meter_provider
+        if meter_provider is None:
+            self._duration = self._tokens = self._ttfc = self._tpoc = None
+            return
+        meter = meter_provider.get_meter("llmproxy", __version__)
+        self._duration = meter.create_histogram(
+            m.GEN_AI_CLIENT_OPERATION_DURATION, unit="s",
+            description="GenAI operation duration.",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS)
+        self._tokens = meter.create_histogram(
+            m.GEN_AI_CLIENT_TOKEN_USAGE, unit="{token}",
+            description="Number of input and output tokens used.",
+            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
+        self._ttfc = meter.create_histogram(
+            m.GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK, unit="s",
+            description="Time to receive the first chunk of a streamed response.",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS)
+        self._tpoc = meter.create_histogram(
+            m.GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK, unit="s",
+            description="Mean time per output chunk after the first, once per stream.",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS)
+
+    def shutdown(self) -> None:
+        """End the spans still open, then flush and stop the exporters (process exit)."""
+        with self._lock:
+            if self._closed or not self._ready:
+                return
+            self._closed = True
+            open_calls, self._open = list(self._open), set()
+        for ex in open_calls:
+            span = ex.span
+            if span is not None and span.is_recording():
+                span.set_attributes({OUTCOME: INTERRUPTED, self.keys.error_type: INTERRUPTED})
+                span.set_status(self._error)
+                span.end()
+        for provider in (self._tracer_provider, self._meter_provider):
+            if provider is not None:
+                try:
+                    provider.shutdown()
+                except Exception:  # exit goes on whatever the exporter does
+                    log.exception("telemetry shutdown failed")
+
+    # -- the hooks ----------------------------------------------------------------------------
+    def start(self, ex: Exchange, headers: Any) -> Any:
+        """The identified call's span (started now), or a marker when traces are off."""
+        if not self._ready:
+            self._setup()
+        if self._tracer is None:
+            return self._untraced if self._meter_provider is not None else None
+        k = self.keys
+        route = self._routes.get(ex.provider or "")
+        operation = operation_name(self._operations, ex.dialect, ex.upstream_path)
+        model = _clip(ex.model)
+        attributes: dict[str, Any] = {k.operation: operation, k.request_stream: ex.streaming,
+                                      REQUEST_ID: ex.request_id, ROUTE: ex.provider}
+        if route is not None:
+            attributes.update(route.attributes)
+        if model:
+            attributes[k.request_model] = model
+        max_tokens = getattr(ex.request_info, "max_output_tokens", None)
+        if max_tokens is not None:
+            attributes[k.max_tokens] = max_tokens
+        if ex.user:
+            attributes[USER] = ex.user
+            attributes[USER_SOURCE] = ex.user_source
+        if ex.key_fingerprint:
+            attributes[KEY_FINGERPRINT] = ex.key_fingerprint
+        parent = self._root
+        traceparent = headers.get("traceparent")
+        if traceparent:
+            carrier = {"traceparent": traceparent}
+            tracestate = headers.get("tracestate")
+            if tracestate:
+                carrier["tracestate"] = tracestate
+            parent = self._propagator.extract(carrier, context=self._root)
+        span = self._tracer.start_span(f"{operation} {model}" if model else operation,
+                                       context=parent, kind=self._kind, attributes=attributes)
+        if span.is_recording():
+            self._open.add(ex)
+        return span
+
+    def inject(self, ex: Exchange, headers: dict[str, str]) -> None:
+        """Replace any traceparent/tracestate in the outgoing headers with ones naming the
+        call's span (unless propagation is off for its provider)."""
+        route = self._routes.get(ex.provider or "")
+        if route is None or not route.propagate or ex.span is None \
+                or not ex.span.get_span_context().is_valid:
+            return
+        for name in [n for n in headers if n.lower() in ("traceparent", "tracestate")]:
+            del headers[name]
+        self._propagator.inject(headers, context=self._trace.set_span_in_context(ex.span))
+
+    def finish(self, ex: Exchange) -> None:
+        """Terminal-event listener: complete and end the span, record the metrics."""
+        span = ex.span
+        if span is None:
+            return
+        failure = error_type(ex)
+        if span.is_recording():
+            self._open.discard(ex)
+            span.set_attributes(self._end_attributes(ex, failure))
+            if failure is not None:
+                span.set_status(self._error)
+            span.end()
+        if self._duration is not None:
+            self._record(ex, failure)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _end_attributes(self, ex: Exchange, failure: str | None) -> dict[str, Any]:
+        k = self.keys
+        meta = ex.meta
+        out: dict[str, Any] = {OUTCOME: str(_value(ex.outcome))}
+        if ex.status is not None:
+            out[k.status_code] = ex.status
+        if failure is not None:
+            out[k.error_type] = failure
+        if meta.model:
+            out[k.response_model] = _clip(meta.model)
+        if meta.response_id:
+            out[k.response_id] = _clip(meta.response_id)
+        if meta.finish_reason:
+            out[k.finish_reasons] = (_clip(meta.finish_reason),)
+        if ex.streaming and ex.ttfb is not None:
+            out[k.time_to_first_chunk] = ex.ttfb
+        tokens = self._tokens_of(ex)
+        if tokens is not None:
+            usage = meta.usage
+            if usage.input_tokens is not None or usage.cached_tokens is not None:
+                out[k.input_tokens] = tokens["input"]
+            if usage.output_tokens is not None:
+                out[k.output_tokens] = tokens["output"]
+            if usage.cached_tokens is not None:
+                out[k.cache_read] = tokens["cached"]
+            if usage.cache_creation_tokens is not None:
+                out[k.cache_creation] = tokens["cache_creation"]
+            if usage.reasoning_tokens is not None:
+                out[k.reasoning] = tokens["reasoning"]
+        cost = exchange_cost(ex)
+        if cost is not None:
+            out[COST_USD] = cost
+        decision = ratelimit_decision(ex)
+        if decision is not None:
+            out[RATELIMIT_DECISION] = decision[0]
+            if decision[1]:
+                out[RATELIMIT_POLICY] = decision[1]
+        return out
+
+    @staticmethod
+    def _tokens_of(ex: Exchange) -> dict[str, int] | None:
+        """Normalized token counts, or None when nothing was reported (or the route only
+        counts tokens: its figure is a measurement, not usage)."""
+        usage = ex.meta.usage
+        if usage.input_tokens is None and usage.output_tokens is None or is_token_count(ex):
+            return None
+        return normalized_tokens(usage, ex.dialect)
+
+    def _record(self, ex: Exchange, failure: str | None) -> None:
+        k = self.keys
+        route = self._routes.get(ex.provider or "")
+        attributes: dict[str, Any] = {
+            k.operation: operation_name(self._operations, ex.dialect, ex.upstream_path)}
+        if route is not None:
+            attributes.update(route.attributes)
+        requested = _clip(getattr(ex.request_info, "model", None))
+        if requested:
+            attributes[k.request_model] = requested
+        if ex.meta.model:
+            attributes[k.response_model] = _clip(ex.meta.model)
+        timed = {**attributes, k.error_type: failure} if failure is not None else attributes
+        assert self._duration is not None and self._tokens is not None
+        if ex.duration is not None:
+            self._duration.record(ex.duration, timed)
+        tokens = self._tokens_of(ex)
+        if tokens is not None:
+            if ex.meta.usage.input_tokens is not None:
+                self._tokens.record(tokens["input"], {**attributes, k.token_type: "input"})
+            if ex.meta.usage.output_tokens is not None:
+                self._tokens.record(tokens["output"], {**attributes, k.token_type: "output"})
+        if ex.streaming and ex.ttfb is not None and self._ttfc is not None \
+                and self._tpoc is not None:
+            self._ttfc.record(ex.ttfb, timed)
+            if ex.chunks > 1 and ex.last_chunk_at is not None:
+                first = ex.started + ex.ttfb
+                self._tpoc.record(max(ex.last_chunk_at - first, 0.0) / (ex.chunks - 1), timed)
+
+
+def install(app: Flask, settings: TelemetrySettings,
+            routes: Mapping[str, str]) -> Callable[[Exchange], None]:
+    """Attach telemetry to ``app`` (``routes``: provider name -> base URL); returns the
+    terminal-event listener to register."""
+    telemetry = Telemetry(settings, routes)
+    app.extensions[EXTENSION_KEY] = telemetry
+    return telemetry.finish
+
+
+def get_telemetry(app: Flask) -> Telemetry | None:
+    found = app.extensions.get(EXTENSION_KEY)
+    return found if isinstance(found, Telemetry) else None
