@@ -1,6 +1,6 @@
 """llmproxy benchmark suite: each scenario straight to a fake upstream, then through the proxy.
 
-Usage: ``python bench/run.py [--smoke] [--scenarios A,B,C,D,E] [--streams 100,500,1000,2000]``
+Usage: ``python bench/run.py [--smoke] [--scenarios A,B,C,D,E,F] [--streams 100,500,1000,2000]``
 (``make bench`` / ``make bench-smoke``). Prints a table and writes ``bench/results/<ts>.json``.
 See docs/BENCHMARKS.md for what each scenario measures and how processes are pinned.
 """
@@ -50,6 +50,7 @@ TARGETS = {
     "C": "N=1000: all chunks delivered, added gap p99 <= 10 ms, RSS <= 150 MB",
     "D": "peak RSS grows < 10 MB for a 50 MB upload",
     "E": "cost <= 15 % of B (memory), <= 30 % (redis)",
+    "F": "OpenTelemetry on: added CPU per request <= 10 % (issue 13's aim)",
 }
 
 
@@ -255,10 +256,12 @@ class Proxy:
     """``python -m gunicorn -c gunicorn.conf.py wsgi:app`` as deployed, one gevent worker."""
 
     def __init__(self, pin: Pinning, upstream: FakeUpstream, config: dict[str, Any] | None,
-                 logdir: Path, proxy_dir: Path, reference: bool = False) -> None:
+                 logdir: Path, proxy_dir: Path, reference: bool = False,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.log_path = logdir / f"proxy-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("LLMPROXY_", "OTEL_"))}
         env.update({
             "PORT": str(self.port),
             "BIND": f"{HOST}:{self.port}",  # loopback only
@@ -269,6 +272,7 @@ class Proxy:
             "LLMPROXY_OPENAI_BASE_URL": upstream.base,
             "LLMPROXY_ANTHROPIC_BASE_URL": upstream.base,
             "LLMPROXY_GEMINI_BASE_URL": upstream.base,
+            **(extra_env or {}),
         })
         if config is not None:
             cfg = logdir / f"config-{self.port}.yml"
@@ -322,6 +326,40 @@ class Proxy:
     def stop(self) -> None:
         # SIGINT = gunicorn's quick shutdown: don't wait out graceful_timeout on open streams.
         stop_process(self.proc, signal.SIGINT, tuple(children(self.master)))
+        self._log.close()
+
+
+class OtlpSink:
+    """bench/otlp_sink.py: the local collector stand-in (OTLP/HTTP or OTLP/gRPC) that decodes
+    and counts what the proxy exports, on the harness core."""
+
+    def __init__(self, pin: Pinning, logdir: Path, protocol: str) -> None:
+        self.log_path = logdir / f"otlp-sink-{protocol.replace('/', '-')}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        cmd = [*pin.prefix(pin.harness), sys.executable, str(BENCH / "otlp_sink.py"),
+               "--host", HOST, "--protocol", protocol]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.stop()
+            err = self.log_path.read_text(errors="replace").strip()
+            raise HarnessError(f"OTLP sink did not start: {err[-400:]}")
+        info = json.loads(line)
+        self.url = f"http://{HOST}:{info['port']}"
+        self.stats_port = int(info["stats_port"])
+
+    def stats(self) -> dict[str, int]:
+        conn = http.client.HTTPConnection(HOST, self.stats_port, timeout=5)
+        try:
+            conn.request("GET", "/stats")
+            counts: dict[str, int] = json.loads(conn.getresponse().read())
+            return counts
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        stop_process(self.proc)
         self._log.close()
 
 
@@ -443,8 +481,9 @@ class Runner:
         result: dict[str, Any] = json.loads(out.stdout)
         return result
 
-    def proxy(self, config: dict[str, Any] | None = None) -> Proxy:
-        return Proxy(self.pin, self.fake, config, self.workdir, self.proxy_dir)
+    def proxy(self, config: dict[str, Any] | None = None,
+              env: dict[str, str] | None = None) -> Proxy:
+        return Proxy(self.pin, self.fake, config, self.workdir, self.proxy_dir, extra_env=env)
 
     def reference(self) -> Proxy:
         """The bare Flask + gevent + requests forwarder, started like the proxy."""
@@ -733,6 +772,49 @@ def scenario_e(r: Runner) -> dict[str, Any]:
             **rows}
 
 
+def scenario_f(r: Runner) -> dict[str, Any]:
+    """B with OpenTelemetry on (a span and the GenAI metrics per request, exported by the
+    SDK's batch processor to a local collector stand-in), against telemetry off measured
+    right before and right after, as E does. The SDK's defaults otherwise (5 s batches of up
+    to 512 spans, metrics every 60 s)."""
+    def measure(env: dict[str, str] | None) -> tuple[WrkResult, dict[str, Any]]:
+        proxy = r.proxy(env=env)
+        try:
+            return _throughput(r, proxy)
+        finally:
+            proxy.stop()  # the worker flushes its queue to the sink on the way out
+
+    base1, base1_extra = measure(None)
+    rows: dict[str, Any] = {}
+    for protocol in ("http/protobuf", "grpc"):
+        try:
+            sink = OtlpSink(r.pin, r.workdir, protocol)
+        except HarnessError as exc:
+            rows[protocol] = {"available": False, "reason": str(exc)[-300:]}
+            continue
+        try:
+            res, extra = measure({"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
+                                  "OTEL_EXPORTER_OTLP_PROTOCOL": protocol})
+            counts = sink.stats()
+        finally:
+            sink.stop()
+        rows[protocol] = {"available": True, **res.as_dict(), **extra, "sink": counts}
+    base2, base2_extra = measure(None)
+    base_rps = (base1.rps + base2.rps) / 2
+    base_cpu = (base1_extra["proxy_cpu_s_per_1000"] + base2_extra["proxy_cpu_s_per_1000"]) / 2
+    for row in rows.values():
+        if not row.get("available"):
+            continue
+        cpu = row["proxy_cpu_s_per_1000"]
+        # Added CPU per request as a ratio to telemetry off (x1.08 = 8 % more per request).
+        row["cpu_ratio_vs_off"] = round(cpu / base_cpu, 3) if base_cpu else None
+        row["cost_vs_off"] = round(1.0 - row["rps"] / base_rps, 3) if base_rps else None
+        row["pass"] = bool(base_cpu) and cpu / base_cpu <= 1.10 and row["errors"] == 0
+    return {"baseline": {"rps": round(base_rps, 1), "proxy_cpu_s_per_1000": round(base_cpu, 3),
+                         "runs": [base1.as_dict() | base1_extra, base2.as_dict() | base2_extra]},
+            **rows}
+
+
 # --- report ---------------------------------------------------------------------------------
 
 def _f(x: Any, nd: int = 2) -> str:
@@ -849,6 +931,26 @@ def render(results: dict[str, Any]) -> str:
                 f"{_f(row.get('cpu_cost_vs_b', 0) * 100, 1)} %, "
                 f"{row['proxy_cpu_s_per_1000']:.3f} s/1,000)  limiter verified "
                 f"{_f(row['limiter_verified'])}  [{_verdict(row.get('pass'))}]")
+    if "F" in s:
+        f = s["F"]
+        add("")
+        add(f"F. OpenTelemetry on — scenario B   [{TARGETS['F']}]")
+        base = f["baseline"]
+        add(f"  telemetry off (baseline, before and after) {base['rps']:>8,.0f} req/s  "
+            f"{base['proxy_cpu_s_per_1000']:.3f} s CPU / 1,000")
+        for protocol in ("http/protobuf", "grpc"):
+            row = f.get(protocol)
+            if row is None:
+                continue
+            if not row.get("available"):
+                add(f"  {protocol:13} not available: {row.get('reason')}")
+                continue
+            sink = row["sink"]
+            add(f"  {protocol:13} {row['rps']:>8,.0f} req/s  p99 {row['p99_ms']:.2f} ms  "
+                f"{row['proxy_cpu_s_per_1000']:.3f} s CPU / 1,000 = "
+                f"x{_f(row.get('cpu_ratio_vs_off'), 3)} telemetry off per request; "
+                f"sink got {sink['spans']:,} spans in {sink['trace_exports']} exports, "
+                f"{sink['metric_exports']} metric exports  [{_verdict(row.get('pass'))}]")
     return "\n".join(lines)
 
 
@@ -907,12 +1009,20 @@ def check_smoke(results: dict[str, Any]) -> list[str]:
         row = s.get("E", {}).get(backend)
         if row and row.get("available") and (row["requests"] == 0 or row["errors"]):
             problems.append(f"E {backend}: {row}")
+    for protocol in ("http/protobuf", "grpc"):
+        row = s.get("F", {}).get(protocol)
+        if row is None:
+            continue
+        # Every measured request's span must have reached the sink (warm-up ones come too).
+        if not row.get("available") or row["requests"] == 0 or row["errors"] \
+                or row["sink"]["spans"] < row["requests"]:
+            problems.append(f"F {protocol}: {row}")
     return problems
 
 
 def run(args: argparse.Namespace) -> int:
     scenarios = [x.strip().upper() for x in args.scenarios.split(",") if x.strip()]
-    unknown = set(scenarios) - set("ABCDE")
+    unknown = set(scenarios) - set("ABCDEF")
     if unknown:
         raise SystemExit(f"unknown scenarios: {','.join(sorted(unknown))}")
     streams = [int(x) for x in args.streams.split(",")] if args.streams else None
@@ -977,6 +1087,8 @@ def run(args: argparse.Namespace) -> int:
                 s["D"] = scenario_d(r)
             if "E" in scenarios:
                 s["E"] = scenario_e(r)
+            if "F" in scenarios:
+                s["F"] = scenario_f(r)
         finally:
             fake.stop()
     results["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -1001,7 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true",
                     help="a few seconds with tiny counts: proves the harness works")
-    ap.add_argument("--scenarios", default="A,B,C,D,E", help="comma-separated subset of A-E")
+    ap.add_argument("--scenarios", default="A,B,C,D,E,F", help="comma-separated subset of A-F")
     ap.add_argument("--streams", default="", help="scenario C stream counts, e.g. 100,500,1000")
     ap.add_argument("--proxy-dir", default="",
                     help="start the proxy from this checkout instead (to compare a change)")

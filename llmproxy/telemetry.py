@@ -341,6 +341,15 @@ def _keys() -> tuple[_Keys, Any, Any]:
     return keys, g.GenAiOperationNameValues, g.GenAiProviderNameValues
 
 
+def _shown(url: str | None) -> str:
+    """An endpoint for the log: scheme, host, port and path; never credentials or a query."""
+    if url is None:
+        return "off"
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+
+
 def _clip(value: str | None) -> str | None:
     return value[:MAX_VALUE_CHARS] if value else None
 
@@ -534,8 +543,8 @@ class Telemetry:
             self._install(tracer_provider, meter_provider)
             self._ready = True
             atexit.register(self.shutdown)
-            log.info("telemetry on: traces %s, metrics %s (pid %d)",
-                     s.traces_endpoint or "off", s.metrics_endpoint or "off", os.getpid())
+            log.info("telemetry on: traces %s, metrics %s (pid %d)", _shown(s.traces_endpoint),
+                     _shown(s.metrics_endpoint), os.getpid())
 
     def _install(self, tracer_provider: Any, meter_provider: Any) -> None:
         from opentelemetry.semconv._incubating.metrics import gen_ai_metrics as m

@@ -29,6 +29,7 @@ from llmproxy.telemetry import (
     SECONDS_BUCKETS,
     TOKEN_BUCKETS,
     TelemetrySettings,
+    _shown,
     _Throttle,
     get_telemetry,
     parse_telemetry,
@@ -410,6 +411,12 @@ def test_shutdown_ends_open_streams(otel: Callable[..., Otel],
     assert (a["llmproxy.outcome"], a["error.type"]) == ("interrupted", "interrupted")
     resp.close()  # the terminal event after shutdown must not fail
     assert len(o.finished()) == 1
+
+
+def test_logged_endpoint_has_no_credentials() -> None:
+    assert _shown("https://user:secret@collector:4318/v1/traces?token=x") == \
+        "https://collector:4318/v1/traces"
+    assert _shown(None) == "off"
 
 
 def test_sdk_logs_are_throttled() -> None:
