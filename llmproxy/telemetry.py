@@ -195,11 +195,9 @@ REQUEST_ID = "llmproxy.request.id"
 OUTCOME = "llmproxy.outcome"
 KEY_FINGERPRINT = "llmproxy.key.fingerprint"
 USER = "llmproxy.user"
-USER_SOURCE = "llmproxy.user.source"
 COST_USD = "llmproxy.cost.usd"
 RATELIMIT_DECISION = "llmproxy.ratelimit.decision"
 RATELIMIT_POLICY = "llmproxy.ratelimit.policy"
-ROUTE = "llmproxy.provider.route"
 INTERRUPTED = "interrupted"  # outcome of a span still open when the process exits
 
 # The conventions' advised bucket boundaries: tokens 4^0 .. 4^13; seconds 0.01 * 2^0 .. 2^13
@@ -233,7 +231,7 @@ def _operation_table(values: Any) -> dict[str, tuple[tuple[str, str], ...]]:
     return {
         "openai": openai,
         "anthropic": (("/messages", chat), ("/messages/count_tokens", COUNT_TOKENS),
-                      ("/complete", text)),
+                      ("/complete", text)) + openai,  # + its OpenAI SDK compatibility
         "gemini": ((":generateContent", generate), (":streamGenerateContent", generate),
                    (":embedContent", embeddings), (":batchEmbedContents", embeddings),
                    (":countTokens", COUNT_TOKENS)) + openai,  # + its OpenAI-compatible routes
@@ -310,6 +308,8 @@ class _Keys:
     cache_creation: str
     reasoning: str
     token_type: str
+    input_type: str  # values of gen_ai.token.type
+    output_type: str
     server_address: str
     server_port: str
     error_type: str
@@ -334,6 +334,8 @@ def _keys() -> tuple[_Keys, Any, Any]:
         cache_read=g.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS,
         cache_creation=g.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS,
         reasoning=g.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, token_type=g.GEN_AI_TOKEN_TYPE,
+        input_type=g.GenAiTokenTypeValues.INPUT.value,
+        output_type=g.GenAiTokenTypeValues.OUTPUT.value,
         server_address=server_attributes.SERVER_ADDRESS,
         server_port=server_attributes.SERVER_PORT, error_type=error_attributes.ERROR_TYPE,
         status_code=http_attributes.HTTP_RESPONSE_STATUS_CODE,
@@ -608,7 +610,7 @@ class Telemetry:
         operation = operation_name(self._operations, ex.dialect, ex.upstream_path)
         model = _clip(ex.model)
         attributes: dict[str, Any] = {k.operation: operation, k.request_stream: ex.streaming,
-                                      REQUEST_ID: ex.request_id, ROUTE: ex.provider}
+                                      REQUEST_ID: ex.request_id}
         if route is not None:
             attributes.update(route.attributes)
         if model:
@@ -618,7 +620,6 @@ class Telemetry:
             attributes[k.max_tokens] = max_tokens
         if ex.user:
             attributes[USER] = ex.user
-            attributes[USER_SOURCE] = ex.user_source
         if ex.key_fingerprint:
             attributes[KEY_FINGERPRINT] = ex.key_fingerprint
         parent = self._root
@@ -652,17 +653,19 @@ class Telemetry:
         if span is None:
             return
         failure = error_type(ex)
+        tokens = self._tokens_of(ex)
         if span.is_recording():
             self._open.discard(ex)
-            span.set_attributes(self._end_attributes(ex, failure))
+            span.set_attributes(self._end_attributes(ex, failure, tokens))
             if failure is not None:
                 span.set_status(self._error)
             span.end()
         if self._duration is not None:
-            self._record(ex, failure)
+            self._record(ex, failure, tokens)
 
     # -- helpers ------------------------------------------------------------------------------
-    def _end_attributes(self, ex: Exchange, failure: str | None) -> dict[str, Any]:
+    def _end_attributes(self, ex: Exchange, failure: str | None,
+                        tokens: dict[str, int] | None) -> dict[str, Any]:
         k = self.keys
         meta = ex.meta
         out: dict[str, Any] = {OUTCOME: str(_value(ex.outcome))}
@@ -678,7 +681,6 @@ class Telemetry:
             out[k.finish_reasons] = (_clip(meta.finish_reason),)
         if ex.streaming and ex.ttfb is not None:
             out[k.time_to_first_chunk] = ex.ttfb
-        tokens = self._tokens_of(ex)
         if tokens is not None:
             usage = meta.usage
             if usage.input_tokens is not None or usage.cached_tokens is not None:
@@ -710,7 +712,8 @@ class Telemetry:
             return None
         return normalized_tokens(usage, ex.dialect)
 
-    def _record(self, ex: Exchange, failure: str | None) -> None:
+    def _record(self, ex: Exchange, failure: str | None,
+                tokens: dict[str, int] | None) -> None:
         k = self.keys
         route = self._routes.get(ex.provider or "")
         attributes: dict[str, Any] = {
@@ -726,12 +729,11 @@ class Telemetry:
         assert self._duration is not None and self._tokens is not None
         if ex.duration is not None:
             self._duration.record(ex.duration, timed)
-        tokens = self._tokens_of(ex)
         if tokens is not None:
             if ex.meta.usage.input_tokens is not None:
-                self._tokens.record(tokens["input"], {**attributes, k.token_type: "input"})
+                self._tokens.record(tokens["input"], {**attributes, k.token_type: k.input_type})
             if ex.meta.usage.output_tokens is not None:
-                self._tokens.record(tokens["output"], {**attributes, k.token_type: "output"})
+                self._tokens.record(tokens["output"], {**attributes, k.token_type: k.output_type})
         if ex.streaming and ex.ttfb is not None and self._ttfc is not None \
                 and self._tpoc is not None:
             self._ttfc.record(ex.ttfb, timed)
