@@ -50,7 +50,7 @@ TARGETS = {
     "C": "N=1000: all chunks delivered, added gap p99 <= 10 ms, RSS <= 150 MB",
     "D": "peak RSS grows < 10 MB for a 50 MB upload",
     "E": "cost <= 15 % of B (memory), <= 30 % (redis)",
-    "F": "OpenTelemetry on: added CPU per request <= 10 % (issue 13's aim)",
+    "F": "OpenTelemetry on: CPU per request <= x1.10 telemetry off (issue 13's aim)",
 }
 
 
@@ -450,15 +450,31 @@ class Runner:
 
     def run_wrk(self, port: int, path: str, connections: int, seconds: float,
                 core: str | None, headers: dict[str, str] | None = None) -> WrkResult:
+        return self.wrk_result(self.start_wrk(port, path, connections, seconds, core, headers),
+                               seconds)
+
+    def start_wrk(self, port: int, path: str, connections: int, seconds: float,
+                  core: str | None, headers: dict[str, str] | None = None
+                  ) -> subprocess.Popen[str]:
         env = {**os.environ, "BENCH_BODY_FILE": str(self.body_file),
                "BENCH_HEADERS": ";".join(f"{k}:{v}" for k, v in (headers or {}).items())}
         cmd = [*self.pin.prefix(core), self.wrk, "-t1", f"-c{connections}",
                f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s",
                str(BENCH / "wrk" / "post.lua"), f"http://{HOST}:{port}{path}"]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
-        if out.returncode != 0 or line is None:
-            raise HarnessError(f"wrk failed ({out.returncode}): {out.stderr.strip()[-400:]}")
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    @staticmethod
+    def wrk_result(proc: subprocess.Popen[str], seconds: float) -> WrkResult:
+        try:
+            stdout, stderr = proc.communicate(timeout=seconds + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise HarnessError("wrk did not finish") from None
+        line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+        if proc.returncode != 0 or line is None:
+            raise HarnessError(f"wrk failed ({proc.returncode}): {stderr.strip()[-400:]}")
         d = json.loads(line.split(" ", 1)[1])
         errors = sum(int(d[k]) for k in d if k.startswith("err_"))
         ms = 1000.0
@@ -589,12 +605,14 @@ def scenario_a(r: Runner, proxy: Proxy, ref: Proxy | None = None) -> dict[str, A
     return out
 
 
-def _throughput(r: Runner, proxy: Proxy) -> tuple[WrkResult, dict[str, float]]:
+def _throughput(r: Runner, proxy: Proxy,
+                seconds: float | None = None) -> tuple[WrkResult, dict[str, float]]:
     p = r.plan
     path = "/openai" + CHAT_PATH
     r.run_wrk(proxy.port, path, p.b_connections, p.warmup_seconds, r.pin.harness, HEADERS)
     c0, f0, t0 = proxy.cpu(), cpu_seconds(r.fake.pid), time.perf_counter()
-    res = r.run_wrk(proxy.port, path, p.b_connections, p.b_seconds, r.pin.harness, HEADERS)
+    res = r.run_wrk(proxy.port, path, p.b_connections, seconds or p.b_seconds, r.pin.harness,
+                    HEADERS)
     c1, f1, t1 = proxy.cpu(), cpu_seconds(r.fake.pid), time.perf_counter()
     cpu = c1 - c0
     return res, {
@@ -773,19 +791,59 @@ def scenario_e(r: Runner) -> dict[str, Any]:
 
 
 def scenario_f(r: Runner) -> dict[str, Any]:
-    """B with OpenTelemetry on (a span and the GenAI metrics per request, exported by the
-    SDK's batch processor to a local collector stand-in), against telemetry off measured
-    right before and right after, as E does. The SDK's defaults otherwise (5 s batches of up
-    to 512 spans, metrics every 60 s)."""
-    def measure(env: dict[str, str] | None) -> tuple[WrkResult, dict[str, Any]]:
-        proxy = r.proxy(env=env)
-        try:
-            return _throughput(r, proxy)
-        finally:
-            proxy.stop()  # the worker flushes its queue to the sink on the way out
+    """B's load with OpenTelemetry on (a span and the GenAI metrics per request, exported by
+    the SDK's batch processor to a local collector stand-in) against telemetry off, as a
+    paired comparison: both proxies run at the same time on the proxy core, each driven by
+    its own wrk with half of B's connections, so that whatever else runs on the machine
+    weighs on both alike. The figure is the median over rounds of (CPU per request on) /
+    (CPU per request off). A control pair (off against off) shows the design's own error.
+    The SDK's defaults otherwise (5 s batches of up to 512 spans, metrics every 60 s)."""
+    p = r.plan
+    rounds = 1 if p.smoke else 3
+    seconds = p.b_seconds if p.smoke else p.b_seconds / 2
+    connections = max(1, p.b_connections // 2)
+    path = "/openai" + CHAT_PATH
 
-    base1, base1_extra = measure(None)
-    rows: dict[str, Any] = {}
+    def med(values: list[float]) -> float:
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+    def pair(env: dict[str, str]) -> dict[str, Any]:
+        base, other = r.proxy(), r.proxy(env=env)
+        try:
+            procs = [r.start_wrk(x.port, path, connections, p.warmup_seconds, r.pin.harness,
+                                 HEADERS) for x in (base, other)]
+            for proc in procs:
+                r.wrk_result(proc, p.warmup_seconds)
+            runs = []
+            for _ in range(rounds):
+                c0 = (base.cpu(), other.cpu())
+                procs = [r.start_wrk(x.port, path, connections, seconds, r.pin.harness,
+                                     HEADERS) for x in (base, other)]
+                off, on = (r.wrk_result(proc, seconds) for proc in procs)
+                cpu_off, cpu_on = base.cpu() - c0[0], other.cpu() - c0[1]
+                per_off = cpu_off / off.requests * 1000 if off.requests else 0.0
+                per_on = cpu_on / on.requests * 1000 if on.requests else 0.0
+                runs.append({"off": off.as_dict() | {"proxy_cpu_s_per_1000": round(per_off, 3)},
+                             "on": on.as_dict() | {"proxy_cpu_s_per_1000": round(per_on, 3)},
+                             "cpu_ratio": round(per_on / per_off, 3) if per_off else None})
+            rss = (round(rss_mb(base.worker), 1), round(rss_mb(other.worker), 1))
+        finally:
+            base.stop()
+            other.stop()  # the worker flushes its queue to the sink on the way out
+        ratios = [x["cpu_ratio"] for x in runs if x["cpu_ratio"] is not None]
+        return {"available": True, "runs": runs, "cpu_ratios_vs_off": ratios,
+                "cpu_ratio_vs_off": round(med(ratios), 3) if ratios else None,
+                "proxy_cpu_s_per_1000": round(med([x["on"]["proxy_cpu_s_per_1000"]
+                                                   for x in runs]), 3),
+                "off_cpu_s_per_1000": round(med([x["off"]["proxy_cpu_s_per_1000"]
+                                                 for x in runs]), 3),
+                "requests": sum(x["on"]["requests"] for x in runs),
+                "errors": sum(x["on"]["errors"] + x["off"]["errors"] for x in runs),
+                "rss_mb": {"off": rss[0], "on": rss[1]}}
+
+    rows: dict[str, Any] = {"control": pair({"OTEL_SDK_DISABLED": "true"})}
     for protocol in ("http/protobuf", "grpc"):
         try:
             sink = OtlpSink(r.pin, r.workdir, protocol)
@@ -793,26 +851,15 @@ def scenario_f(r: Runner) -> dict[str, Any]:
             rows[protocol] = {"available": False, "reason": str(exc)[-300:]}
             continue
         try:
-            res, extra = measure({"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
-                                  "OTEL_EXPORTER_OTLP_PROTOCOL": protocol})
-            counts = sink.stats()
+            row = pair({"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
+                        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol})
+            row["sink"] = sink.stats()
         finally:
             sink.stop()
-        rows[protocol] = {"available": True, **res.as_dict(), **extra, "sink": counts}
-    base2, base2_extra = measure(None)
-    base_rps = (base1.rps + base2.rps) / 2
-    base_cpu = (base1_extra["proxy_cpu_s_per_1000"] + base2_extra["proxy_cpu_s_per_1000"]) / 2
-    for row in rows.values():
-        if not row.get("available"):
-            continue
-        cpu = row["proxy_cpu_s_per_1000"]
-        # Added CPU per request as a ratio to telemetry off (x1.08 = 8 % more per request).
-        row["cpu_ratio_vs_off"] = round(cpu / base_cpu, 3) if base_cpu else None
-        row["cost_vs_off"] = round(1.0 - row["rps"] / base_rps, 3) if base_rps else None
-        row["pass"] = bool(base_cpu) and cpu / base_cpu <= 1.10 and row["errors"] == 0
-    return {"baseline": {"rps": round(base_rps, 1), "proxy_cpu_s_per_1000": round(base_cpu, 3),
-                         "runs": [base1.as_dict() | base1_extra, base2.as_dict() | base2_extra]},
-            **rows}
+        ratio = row["cpu_ratio_vs_off"]
+        row["pass"] = ratio is not None and ratio <= 1.10 and not row["errors"]
+        rows[protocol] = row
+    return {"rounds": rounds, "seconds": seconds, "connections_each": connections, **rows}
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -934,23 +981,28 @@ def render(results: dict[str, Any]) -> str:
     if "F" in s:
         f = s["F"]
         add("")
-        add(f"F. OpenTelemetry on — scenario B   [{TARGETS['F']}]")
-        base = f["baseline"]
-        add(f"  telemetry off (baseline, before and after) {base['rps']:>8,.0f} req/s  "
-            f"{base['proxy_cpu_s_per_1000']:.3f} s CPU / 1,000")
-        for protocol in ("http/protobuf", "grpc"):
-            row = f.get(protocol)
+        add(f"F. OpenTelemetry on vs off, paired (both proxies at once, {f['connections_each']}"
+            f" connections each), {f['rounds']} round(s) of {f['seconds']:g} s, median   "
+            f"[{TARGETS['F']}]")
+        for key in ("control", "http/protobuf", "grpc"):
+            row = f.get(key)
             if row is None:
                 continue
             if not row.get("available"):
-                add(f"  {protocol:13} not available: {row.get('reason')}")
+                add(f"  {key:13} not available: {row.get('reason')}")
                 continue
-            sink = row["sink"]
-            add(f"  {protocol:13} {row['rps']:>8,.0f} req/s  p99 {row['p99_ms']:.2f} ms  "
-                f"{row['proxy_cpu_s_per_1000']:.3f} s CPU / 1,000 = "
-                f"x{_f(row.get('cpu_ratio_vs_off'), 3)} telemetry off per request; "
-                f"sink got {sink['spans']:,} spans in {sink['trace_exports']} exports, "
-                f"{sink['metric_exports']} metric exports  [{_verdict(row.get('pass'))}]")
+            rounds = ", ".join(f"x{x:.3f}" for x in row["cpu_ratios_vs_off"])
+            line = (f"  {key:13} CPU per request x{_f(row['cpu_ratio_vs_off'], 3)} "
+                    f"(rounds: {rounds}); {row['proxy_cpu_s_per_1000']:.3f} vs "
+                    f"{row['off_cpu_s_per_1000']:.3f} s / 1,000; RSS {row['rss_mb']['on']} vs "
+                    f"{row['rss_mb']['off']} MB")
+            if key == "control":
+                line += "  (off against off: the comparison's own error)"
+            else:
+                sink = row["sink"]
+                line += (f"; sink got {sink['spans']:,} spans in {sink['trace_exports']} "
+                         f"exports  [{_verdict(row.get('pass'))}]")
+            add(line)
     return "\n".join(lines)
 
 
@@ -1009,14 +1061,15 @@ def check_smoke(results: dict[str, Any]) -> list[str]:
         row = s.get("E", {}).get(backend)
         if row and row.get("available") and (row["requests"] == 0 or row["errors"]):
             problems.append(f"E {backend}: {row}")
-    for protocol in ("http/protobuf", "grpc"):
-        row = s.get("F", {}).get(protocol)
+    for key in ("control", "http/protobuf", "grpc"):
+        row = s.get("F", {}).get(key)
         if row is None:
             continue
         # Every measured request's span must have reached the sink (warm-up ones come too).
+        spans = row.get("sink", {}).get("spans", row.get("requests", 0))
         if not row.get("available") or row["requests"] == 0 or row["errors"] \
-                or row["sink"]["spans"] < row["requests"]:
-            problems.append(f"F {protocol}: {row}")
+                or spans < row["requests"]:
+            problems.append(f"F {key}: {row}")
     return problems
 
 

@@ -59,6 +59,10 @@ class TelemetrySettings:
     metrics_protocol: str = "http/protobuf"
     service_name: str = "llmproxy"
     metric_export_interval_ms: int = 60000
+    max_queue_size: int = 2048  # spans waiting for export, per worker; beyond it they drop
+    # Spans per export. Encoding a batch holds the worker's CPU until it is done (the export
+    # greenlet yields only on I/O), so small batches keep that pause short for the requests.
+    export_batch_size: int = 64
     propagate: bool = True  # send a traceparent naming the proxy's span to the provider
     propagate_except: frozenset[str] = frozenset()  # provider routes that get none
 
@@ -68,6 +72,19 @@ def _env_bool(environ: Mapping[str, str], name: str) -> bool:
     if value not in ("", "true", "false"):
         raise ConfigError(name, f"must be true or false, got {value!r}")
     return value == "true"
+
+
+def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(name, f"must be an integer >= 1, got {raw!r}")
+    return value
 
 
 def _flag(section: Mapping[str, Any], key: str, default: bool) -> bool:
@@ -160,6 +177,12 @@ def parse_telemetry(raw_section: Any, environ: Mapping[str, str]) -> TelemetrySe
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
         raise ConfigError(where, f"must be an integer >= 1 (milliseconds), got {interval!r}")
 
+    queue = _env_int(environ, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
+    batch = _env_int(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 64)
+    if batch > queue:
+        raise ConfigError("OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+                          f"must not exceed OTEL_BSP_MAX_QUEUE_SIZE ({queue}), got {batch}")
+
     sampler = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
     if sampler and sampler not in SAMPLERS:
         raise ConfigError("OTEL_TRACES_SAMPLER", f"must be one of {', '.join(SAMPLERS)}")
@@ -179,7 +202,8 @@ def parse_telemetry(raw_section: Any, environ: Mapping[str, str]) -> TelemetrySe
     return TelemetrySettings(
         enabled=on, traces_endpoint=traces, traces_protocol=traces_protocol,
         metrics_endpoint=metrics, metrics_protocol=metrics_protocol, service_name=service,
-        metric_export_interval_ms=interval, propagate=_flag(section, "propagate", True),
+        metric_export_interval_ms=interval, max_queue_size=queue, export_batch_size=batch,
+        propagate=_flag(section, "propagate", True),
         propagate_except=frozenset(except_))
 
 
@@ -410,30 +434,28 @@ def _grpc_under_gevent() -> None:
     _grpc_gevent_ready = True
 
 
-def _span_exporter(endpoint: str, protocol: str) -> Any:
+def _exporter_classes(signal: str, protocol: str) -> Any:
+    """The OTLP exporter class of one signal, imported when the app is built (before the
+    first request: an import in a request would hold up every other request of the worker)."""
     if protocol == "grpc":
-        _grpc_under_gevent()
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcSpanExporter,
-        )
+        if signal == "traces":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                OTLPSpanExporter as GrpcSpanExporter,
+            )
 
-        return GrpcSpanExporter(endpoint=endpoint)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    return OTLPSpanExporter(endpoint=endpoint)
-
-
-def _metric_exporter(endpoint: str, protocol: str) -> Any:
-    if protocol == "grpc":
-        _grpc_under_gevent()
+            return GrpcSpanExporter
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
             OTLPMetricExporter as GrpcMetricExporter,
         )
 
-        return GrpcMetricExporter(endpoint=endpoint)
+        return GrpcMetricExporter
+    if signal == "traces":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
-    return OTLPMetricExporter(endpoint=endpoint)
+    return OTLPMetricExporter
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,6 +488,19 @@ class Telemetry:
                 {k.provider: getattr(provider_names, known).value if known else name,
                  k.server_address: parts.hostname or "", k.server_port: port},
                 settings.propagate and name not in settings.propagate_except)
+        # Everything the per-process set-up needs is imported now, at app build.
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        self._sdk = (MeterProvider, PeriodicExportingMetricReader, OTELResourceDetector,
+                     Resource, TracerProvider, BatchSpanProcessor)
+        self._span_exporter: Any = _exporter_classes("traces", settings.traces_protocol) \
+            if settings.traces_endpoint is not None else None
+        self._metric_exporter: Any = _exporter_classes("metrics", settings.metrics_protocol) \
+            if settings.metrics_endpoint is not None else None
         self._trace = trace
         self._kind = SpanKind.CLIENT
         self._error = Status(StatusCode.ERROR)
@@ -511,11 +546,6 @@ class Telemetry:
         with self._lock:
             if self._ready:
                 return
-            from opentelemetry.sdk.metrics import MeterProvider
-            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-            from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-            from opentelemetry.sdk.trace import TracerProvider
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
             from opentelemetry.semconv._incubating.attributes.process_attributes import (
                 PROCESS_PID,
             )
@@ -523,6 +553,8 @@ class Telemetry:
 
             from .buildinfo import __version__
 
+            (MeterProvider, PeriodicExportingMetricReader, OTELResourceDetector, Resource,
+             TracerProvider, BatchSpanProcessor) = self._sdk
             _route_sdk_logs()
             s = self.settings
             # Every worker is an instance of its own: its cumulative metrics must not merge
@@ -533,12 +565,18 @@ class Telemetry:
             }).merge(OTELResourceDetector().detect())
             tracer_provider = meter_provider = None
             if s.traces_endpoint is not None:
+                if s.traces_protocol == "grpc":
+                    _grpc_under_gevent()
                 tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
                 tracer_provider.add_span_processor(BatchSpanProcessor(
-                    _span_exporter(s.traces_endpoint, s.traces_protocol)))
+                    self._span_exporter(endpoint=s.traces_endpoint),
+                    max_queue_size=s.max_queue_size,
+                    max_export_batch_size=s.export_batch_size))
             if s.metrics_endpoint is not None:
+                if s.metrics_protocol == "grpc":
+                    _grpc_under_gevent()
                 reader = PeriodicExportingMetricReader(
-                    _metric_exporter(s.metrics_endpoint, s.metrics_protocol),
+                    self._metric_exporter(endpoint=s.metrics_endpoint),
                     export_interval_millis=s.metric_export_interval_ms)
                 meter_provider = MeterProvider([reader], resource=resource,
                                                shutdown_on_exit=False)
@@ -668,11 +706,13 @@ class Telemetry:
                         tokens: dict[str, int] | None) -> dict[str, Any]:
         k = self.keys
         meta = ex.meta
+        # Every attribute costs CPU twice (set, then encoded for export): what a success
+        # implies (status 200, zero cached or reasoning tokens) is left out.
         out: dict[str, Any] = {OUTCOME: str(_value(ex.outcome))}
-        if ex.status is not None:
-            out[k.status_code] = ex.status
         if failure is not None:
             out[k.error_type] = failure
+            if ex.status is not None:
+                out[k.status_code] = ex.status
         if meta.model:
             out[k.response_model] = _clip(meta.model)
         if meta.response_id:
@@ -687,11 +727,11 @@ class Telemetry:
                 out[k.input_tokens] = tokens["input"]
             if usage.output_tokens is not None:
                 out[k.output_tokens] = tokens["output"]
-            if usage.cached_tokens is not None:
+            if tokens["cached"]:
                 out[k.cache_read] = tokens["cached"]
-            if usage.cache_creation_tokens is not None:
+            if tokens["cache_creation"]:
                 out[k.cache_creation] = tokens["cache_creation"]
-            if usage.reasoning_tokens is not None:
+            if tokens["reasoning"]:
                 out[k.reasoning] = tokens["reasoning"]
         cost = exchange_cost(ex)
         if cost is not None:
