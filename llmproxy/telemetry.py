@@ -631,10 +631,7 @@ class Telemetry:
                 span.end()
         for provider in (self._tracer_provider, self._meter_provider):
             if provider is not None:
-                try:
-                    provider.shutdown()
-                except Exception:  # exit goes on whatever the exporter does
-                    log.exception("telemetry shutdown failed")
+                _flush_and_stop(provider)
 
     # -- the hooks ----------------------------------------------------------------------------
     def start(self, ex: Exchange, headers: Any) -> Any:
@@ -780,6 +777,25 @@ class Telemetry:
             if ex.chunks > 1 and ex.last_chunk_at is not None:
                 first = ex.started + ex.ttfb
                 self._tpoc.record(max(ex.last_chunk_at - first, 0.0) / (ex.chunks - 1), timed)
+
+
+def _flush_and_stop(provider: Any, attempts: int = 3) -> None:
+    """Export what is queued, then stop. On gunicorn's quick exit (SIGINT, SIGQUIT) the worker
+    leaves through a greenlet that raises SystemExit again while this waits for the export:
+    the process is exiting anyway, so the flush is taken up again instead of abandoned."""
+    for _ in range(attempts):
+        try:
+            provider.force_flush()
+            break
+        except SystemExit:
+            continue
+        except Exception:  # exit goes on whatever the exporter does
+            log.exception("telemetry flush failed")
+            break
+    try:
+        provider.shutdown()
+    except (Exception, SystemExit):
+        log.exception("telemetry shutdown failed")
 
 
 def install(app: Flask, settings: TelemetrySettings,

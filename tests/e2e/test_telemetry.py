@@ -8,6 +8,7 @@ interval); every wait is a bounded wait on the receiver's condition.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -315,6 +316,29 @@ def test_graceful_shutdown_flushes_running_stream(start_proxy: ProxyFactory,
     assert span.attributes["llmproxy.outcome"] == "completed"
     assert rx.wait_histogram("gen_ai.client.operation.duration", 1, timeout=1.0,
                              **{"gen_ai.request.model": model})[0] == 1
+
+
+def test_quick_shutdown_ends_running_stream(start_proxy: ProxyFactory, receiver: OTLPReceiver,
+                                            fake_upstream: FakeUpstream) -> None:
+    """SIGINT (gunicorn's quick shutdown) while a stream runs: the stream is cut, and its span
+    still leaves the worker, ended as interrupted."""
+    proxy = start_proxy(workers=1, env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "60000",
+        "OTEL_METRIC_EXPORT_INTERVAL": "60000"})
+    rid = new_request_id()
+    fake_upstream.script(fake_upstream.scripts.endless("openai"))
+    resp = requests.post(f"{proxy.url}/openai/v1/chat/completions", stream=True, timeout=10,
+                         json={"model": "m", "stream": True, "messages": []},
+                         headers={"Authorization": "Bearer sk-x", "X-Request-ID": rid})
+    chunks = resp.iter_content(None)
+    assert next(chunks)  # the stream is running
+    assert proxy.proc is not None
+    proxy.proc.send_signal(signal.SIGINT)
+    proxy.proc.wait(15)
+    resp.close()
+    span = receiver.received.wait_span(rid, timeout=1.0)
+    assert span.attributes["llmproxy.outcome"] == "interrupted"
+    assert span.attributes["error.type"] == "interrupted"
 
 
 class BlackHole:

@@ -29,6 +29,7 @@ from llmproxy.telemetry import (
     SECONDS_BUCKETS,
     TOKEN_BUCKETS,
     TelemetrySettings,
+    _flush_and_stop,
     _shown,
     _Throttle,
     get_telemetry,
@@ -412,6 +413,25 @@ def test_shutdown_ends_open_streams(otel: Callable[..., Otel],
     assert (a["llmproxy.outcome"], a["error.type"]) == ("interrupted", "interrupted")
     resp.close()  # the terminal event after shutdown must not fail
     assert len(o.finished()) == 1
+
+
+def test_flush_survives_gunicorns_quick_exit() -> None:
+    """gunicorn's quick exit raises SystemExit again in the middle of the exit flush: the
+    flush is taken up again, then the provider stopped."""
+    calls: list[str] = []
+
+    class Provider:
+        def force_flush(self) -> bool:
+            calls.append("flush")
+            if calls.count("flush") == 1:
+                raise SystemExit(0)
+            return True
+
+        def shutdown(self) -> None:
+            calls.append("shutdown")
+
+    _flush_and_stop(Provider())
+    assert calls == ["flush", "flush", "shutdown"]
 
 
 def test_logged_endpoint_has_no_credentials() -> None:
