@@ -1,6 +1,6 @@
 """llmproxy benchmark suite: each scenario straight to a fake upstream, then through the proxy.
 
-Usage: ``python bench/run.py [--smoke] [--scenarios A,B,C,D,E] [--streams 100,500,1000,2000]``
+Usage: ``python bench/run.py [--smoke] [--scenarios A,B,C,D,E,F] [--streams 100,500,1000,2000]``
 (``make bench`` / ``make bench-smoke``). Prints a table and writes ``bench/results/<ts>.json``.
 See docs/benchmarks.md for what each scenario measures and how processes are pinned.
 """
@@ -50,6 +50,7 @@ TARGETS = {
     "C": "N=1000: all chunks delivered, added gap p99 <= 10 ms, RSS <= 150 MB",
     "D": "peak RSS grows < 10 MB for a 50 MB upload",
     "E": "cost <= 15 % of B (memory), <= 30 % (redis)",
+    "F": "OpenTelemetry on: CPU per request <= x1.10 telemetry off (issue 13's aim)",
 }
 
 
@@ -255,10 +256,12 @@ class Proxy:
     """``python -m gunicorn -c gunicorn.conf.py wsgi:app`` as deployed, one gevent worker."""
 
     def __init__(self, pin: Pinning, upstream: FakeUpstream, config: dict[str, Any] | None,
-                 logdir: Path, proxy_dir: Path, reference: bool = False) -> None:
+                 logdir: Path, proxy_dir: Path, reference: bool = False,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.log_path = logdir / f"proxy-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("LLMPROXY_", "OTEL_"))}
         env.update({
             "PORT": str(self.port),
             "BIND": f"{HOST}:{self.port}",  # loopback only
@@ -269,6 +272,7 @@ class Proxy:
             "LLMPROXY_OPENAI_BASE_URL": upstream.base,
             "LLMPROXY_ANTHROPIC_BASE_URL": upstream.base,
             "LLMPROXY_GEMINI_BASE_URL": upstream.base,
+            **(extra_env or {}),
         })
         if config is not None:
             cfg = logdir / f"config-{self.port}.yml"
@@ -322,6 +326,40 @@ class Proxy:
     def stop(self) -> None:
         # SIGINT = gunicorn's quick shutdown: don't wait out graceful_timeout on open streams.
         stop_process(self.proc, signal.SIGINT, tuple(children(self.master)))
+        self._log.close()
+
+
+class OtlpSink:
+    """bench/otlp_sink.py: the local collector stand-in (OTLP/HTTP or OTLP/gRPC) that decodes
+    and counts what the proxy exports, on the harness core."""
+
+    def __init__(self, pin: Pinning, logdir: Path, protocol: str) -> None:
+        self.log_path = logdir / f"otlp-sink-{protocol.replace('/', '-')}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        cmd = [*pin.prefix(pin.harness), sys.executable, str(BENCH / "otlp_sink.py"),
+               "--host", HOST, "--protocol", protocol]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.stop()
+            err = self.log_path.read_text(errors="replace").strip()
+            raise HarnessError(f"OTLP sink did not start: {err[-400:]}")
+        info = json.loads(line)
+        self.url = f"http://{HOST}:{info['port']}"
+        self.stats_port = int(info["stats_port"])
+
+    def stats(self) -> dict[str, int]:
+        conn = http.client.HTTPConnection(HOST, self.stats_port, timeout=5)
+        try:
+            conn.request("GET", "/stats")
+            counts: dict[str, int] = json.loads(conn.getresponse().read())
+            return counts
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        stop_process(self.proc)
         self._log.close()
 
 
@@ -412,15 +450,31 @@ class Runner:
 
     def run_wrk(self, port: int, path: str, connections: int, seconds: float,
                 core: str | None, headers: dict[str, str] | None = None) -> WrkResult:
+        return self.wrk_result(self.start_wrk(port, path, connections, seconds, core, headers),
+                               seconds)
+
+    def start_wrk(self, port: int, path: str, connections: int, seconds: float,
+                  core: str | None, headers: dict[str, str] | None = None
+                  ) -> subprocess.Popen[str]:
         env = {**os.environ, "BENCH_BODY_FILE": str(self.body_file),
                "BENCH_HEADERS": ";".join(f"{k}:{v}" for k, v in (headers or {}).items())}
         cmd = [*self.pin.prefix(core), self.wrk, "-t1", f"-c{connections}",
                f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s",
                str(BENCH / "wrk" / "post.lua"), f"http://{HOST}:{port}{path}"]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
-        if out.returncode != 0 or line is None:
-            raise HarnessError(f"wrk failed ({out.returncode}): {out.stderr.strip()[-400:]}")
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    @staticmethod
+    def wrk_result(proc: subprocess.Popen[str], seconds: float) -> WrkResult:
+        try:
+            stdout, stderr = proc.communicate(timeout=seconds + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise HarnessError("wrk did not finish") from None
+        line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+        if proc.returncode != 0 or line is None:
+            raise HarnessError(f"wrk failed ({proc.returncode}): {stderr.strip()[-400:]}")
         d = json.loads(line.split(" ", 1)[1])
         errors = sum(int(d[k]) for k in d if k.startswith("err_"))
         ms = 1000.0
@@ -443,8 +497,9 @@ class Runner:
         result: dict[str, Any] = json.loads(out.stdout)
         return result
 
-    def proxy(self, config: dict[str, Any] | None = None) -> Proxy:
-        return Proxy(self.pin, self.fake, config, self.workdir, self.proxy_dir)
+    def proxy(self, config: dict[str, Any] | None = None,
+              env: dict[str, str] | None = None) -> Proxy:
+        return Proxy(self.pin, self.fake, config, self.workdir, self.proxy_dir, extra_env=env)
 
     def reference(self) -> Proxy:
         """The bare Flask + gevent + requests forwarder, started like the proxy."""
@@ -550,12 +605,14 @@ def scenario_a(r: Runner, proxy: Proxy, ref: Proxy | None = None) -> dict[str, A
     return out
 
 
-def _throughput(r: Runner, proxy: Proxy) -> tuple[WrkResult, dict[str, float]]:
+def _throughput(r: Runner, proxy: Proxy,
+                seconds: float | None = None) -> tuple[WrkResult, dict[str, float]]:
     p = r.plan
     path = "/openai" + CHAT_PATH
     r.run_wrk(proxy.port, path, p.b_connections, p.warmup_seconds, r.pin.harness, HEADERS)
     c0, f0, t0 = proxy.cpu(), cpu_seconds(r.fake.pid), time.perf_counter()
-    res = r.run_wrk(proxy.port, path, p.b_connections, p.b_seconds, r.pin.harness, HEADERS)
+    res = r.run_wrk(proxy.port, path, p.b_connections, seconds or p.b_seconds, r.pin.harness,
+                    HEADERS)
     c1, f1, t1 = proxy.cpu(), cpu_seconds(r.fake.pid), time.perf_counter()
     cpu = c1 - c0
     return res, {
@@ -733,6 +790,78 @@ def scenario_e(r: Runner) -> dict[str, Any]:
             **rows}
 
 
+def scenario_f(r: Runner) -> dict[str, Any]:
+    """B's load with OpenTelemetry on (a span and the GenAI metrics per request, exported by
+    the SDK's batch processor to a local collector stand-in) against telemetry off, as a
+    paired comparison: both proxies run at the same time on the proxy core, each driven by
+    its own wrk with half of B's connections, so that whatever else runs on the machine
+    weighs on both alike. The figure is the median over rounds of (CPU per request on) /
+    (CPU per request off). A control pair (off against off) shows the design's own error.
+    The SDK's defaults otherwise (5 s batches of up to 512 spans, metrics every 60 s)."""
+    p = r.plan
+    rounds = 1 if p.smoke else 3
+    seconds = p.b_seconds if p.smoke else p.b_seconds / 2
+    connections = max(1, p.b_connections // 2)
+    path = "/openai" + CHAT_PATH
+
+    def med(values: list[float]) -> float:
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+    def pair(env: dict[str, str]) -> dict[str, Any]:
+        base, other = r.proxy(), r.proxy(env=env)
+        try:
+            procs = [r.start_wrk(x.port, path, connections, p.warmup_seconds, r.pin.harness,
+                                 HEADERS) for x in (base, other)]
+            for proc in procs:
+                r.wrk_result(proc, p.warmup_seconds)
+            runs = []
+            for _ in range(rounds):
+                c0 = (base.cpu(), other.cpu())
+                procs = [r.start_wrk(x.port, path, connections, seconds, r.pin.harness,
+                                     HEADERS) for x in (base, other)]
+                off, on = (r.wrk_result(proc, seconds) for proc in procs)
+                cpu_off, cpu_on = base.cpu() - c0[0], other.cpu() - c0[1]
+                per_off = cpu_off / off.requests * 1000 if off.requests else 0.0
+                per_on = cpu_on / on.requests * 1000 if on.requests else 0.0
+                runs.append({"off": off.as_dict() | {"proxy_cpu_s_per_1000": round(per_off, 3)},
+                             "on": on.as_dict() | {"proxy_cpu_s_per_1000": round(per_on, 3)},
+                             "cpu_ratio": round(per_on / per_off, 3) if per_off else None})
+            rss = (round(rss_mb(base.worker), 1), round(rss_mb(other.worker), 1))
+        finally:
+            base.stop()
+            other.stop()  # the worker flushes its queue to the sink on the way out
+        ratios = [x["cpu_ratio"] for x in runs if x["cpu_ratio"] is not None]
+        return {"available": True, "runs": runs, "cpu_ratios_vs_off": ratios,
+                "cpu_ratio_vs_off": round(med(ratios), 3) if ratios else None,
+                "proxy_cpu_s_per_1000": round(med([x["on"]["proxy_cpu_s_per_1000"]
+                                                   for x in runs]), 3),
+                "off_cpu_s_per_1000": round(med([x["off"]["proxy_cpu_s_per_1000"]
+                                                 for x in runs]), 3),
+                "requests": sum(x["on"]["requests"] for x in runs),
+                "errors": sum(x["on"]["errors"] + x["off"]["errors"] for x in runs),
+                "rss_mb": {"off": rss[0], "on": rss[1]}}
+
+    rows: dict[str, Any] = {"control": pair({"OTEL_SDK_DISABLED": "true"})}
+    for protocol in ("http/protobuf", "grpc"):
+        try:
+            sink = OtlpSink(r.pin, r.workdir, protocol)
+        except HarnessError as exc:
+            rows[protocol] = {"available": False, "reason": str(exc)[-300:]}
+            continue
+        try:
+            row = pair({"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
+                        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol})
+            row["sink"] = sink.stats()
+        finally:
+            sink.stop()
+        ratio = row["cpu_ratio_vs_off"]
+        row["pass"] = ratio is not None and ratio <= 1.10 and not row["errors"]
+        rows[protocol] = row
+    return {"rounds": rounds, "seconds": seconds, "connections_each": connections, **rows}
+
+
 # --- report ---------------------------------------------------------------------------------
 
 def _f(x: Any, nd: int = 2) -> str:
@@ -849,6 +978,31 @@ def render(results: dict[str, Any]) -> str:
                 f"{_f(row.get('cpu_cost_vs_b', 0) * 100, 1)} %, "
                 f"{row['proxy_cpu_s_per_1000']:.3f} s/1,000)  limiter verified "
                 f"{_f(row['limiter_verified'])}  [{_verdict(row.get('pass'))}]")
+    if "F" in s:
+        f = s["F"]
+        add("")
+        add(f"F. OpenTelemetry on vs off, paired (both proxies at once, {f['connections_each']}"
+            f" connections each), {f['rounds']} round(s) of {f['seconds']:g} s, median   "
+            f"[{TARGETS['F']}]")
+        for key in ("control", "http/protobuf", "grpc"):
+            row = f.get(key)
+            if row is None:
+                continue
+            if not row.get("available"):
+                add(f"  {key:13} not available: {row.get('reason')}")
+                continue
+            rounds = ", ".join(f"x{x:.3f}" for x in row["cpu_ratios_vs_off"])
+            line = (f"  {key:13} CPU per request x{_f(row['cpu_ratio_vs_off'], 3)} "
+                    f"(rounds: {rounds}); {row['proxy_cpu_s_per_1000']:.3f} vs "
+                    f"{row['off_cpu_s_per_1000']:.3f} s / 1,000; RSS {row['rss_mb']['on']} vs "
+                    f"{row['rss_mb']['off']} MB")
+            if key == "control":
+                line += "  (off against off: the comparison's own error)"
+            else:
+                sink = row["sink"]
+                line += (f"; sink got {sink['spans']:,} spans in {sink['trace_exports']} "
+                         f"exports  [{_verdict(row.get('pass'))}]")
+            add(line)
     return "\n".join(lines)
 
 
@@ -907,12 +1061,21 @@ def check_smoke(results: dict[str, Any]) -> list[str]:
         row = s.get("E", {}).get(backend)
         if row and row.get("available") and (row["requests"] == 0 or row["errors"]):
             problems.append(f"E {backend}: {row}")
+    for key in ("control", "http/protobuf", "grpc"):
+        row = s.get("F", {}).get(key)
+        if row is None:
+            continue
+        # Every measured request's span must have reached the sink (warm-up ones come too).
+        spans = row.get("sink", {}).get("spans", row.get("requests", 0))
+        if not row.get("available") or row["requests"] == 0 or row["errors"] \
+                or spans < row["requests"]:
+            problems.append(f"F {key}: {row}")
     return problems
 
 
 def run(args: argparse.Namespace) -> int:
     scenarios = [x.strip().upper() for x in args.scenarios.split(",") if x.strip()]
-    unknown = set(scenarios) - set("ABCDE")
+    unknown = set(scenarios) - set("ABCDEF")
     if unknown:
         raise SystemExit(f"unknown scenarios: {','.join(sorted(unknown))}")
     streams = [int(x) for x in args.streams.split(",")] if args.streams else None
@@ -977,6 +1140,8 @@ def run(args: argparse.Namespace) -> int:
                 s["D"] = scenario_d(r)
             if "E" in scenarios:
                 s["E"] = scenario_e(r)
+            if "F" in scenarios:
+                s["F"] = scenario_f(r)
         finally:
             fake.stop()
     results["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -1001,7 +1166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true",
                     help="a few seconds with tiny counts: proves the harness works")
-    ap.add_argument("--scenarios", default="A,B,C,D,E", help="comma-separated subset of A-E")
+    ap.add_argument("--scenarios", default="A,B,C,D,E,F", help="comma-separated subset of A-F")
     ap.add_argument("--streams", default="", help="scenario C stream counts, e.g. 100,500,1000")
     ap.add_argument("--proxy-dir", default="",
                     help="start the proxy from this checkout instead (to compare a change)")

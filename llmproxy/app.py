@@ -20,7 +20,7 @@ from . import inbound, relay
 from .config import Settings, build_settings, load_raw
 from .errors import error_response
 from .inflight import InFlight
-from .observe import health, logs, metrics, records
+from .observe import health, logs, metrics, records, telemetry
 from .pricing import PricingTable
 from .providers import DIALECTS, Provider
 from .ratelimit import RateLimit
@@ -88,6 +88,9 @@ def build_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
         state.on_finish(metrics.init_app(app, settings.metrics, pricing).on_finish)
     else:
         metrics.init_disabled(app)
+    if settings.telemetry.enabled:  # off: nothing registered, OpenTelemetry never imported
+        state.on_finish(telemetry.install(app, settings.telemetry,
+                                          {n: p.base_url for n, p in providers.items()}))
     tracker = health.Health(providers, up.health_failure_threshold, up.health_window_seconds,
                             limiter)
     state.on_finish(tracker.observe)

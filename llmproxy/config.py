@@ -310,6 +310,7 @@ class Settings:
     usage_records: UsageRecordSettings
     pricing: PricingSettings
     ratelimit: RateLimitSettings
+    telemetry: TelemetrySettings = field(default_factory=lambda: TelemetrySettings())
     auth: AuthSettings = field(default_factory=AuthSettings)
 
 
@@ -784,6 +785,181 @@ def parse_auth(raw: Mapping[str, Any], environ: Mapping[str, str]) -> AuthSettin
     )
 
 
+# ---------------------------------------------------------------- telemetry (OpenTelemetry)
+# The `telemetry:` section and the standard OTEL_* variables (these win) -> TelemetrySettings.
+# =============================================================================================
+
+PROTOCOLS = ("http/protobuf", "grpc")
+SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on",
+            "parentbased_always_off", "parentbased_traceidratio")
+_otel_KEYS = frozenset({"enabled", "endpoint", "protocol", "service_name", "traces", "metrics",
+                   "metric_export_interval_ms", "propagate", "propagate_except"})
+_otel_DEFAULT_ENDPOINT = {"http/protobuf": "http://localhost:4318", "grpc": "http://localhost:4317"}
+_otel_HTTP_PATHS = {"traces": "/v1/traces", "metrics": "/v1/metrics"}
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySettings:
+    """Resolved telemetry settings; a signal whose endpoint is ``None`` is not exported."""
+
+    enabled: bool = False
+    traces_endpoint: str | None = None  # full URL (OTLP/HTTP: with /v1/traces)
+    traces_protocol: str = "http/protobuf"
+    metrics_endpoint: str | None = None
+    metrics_protocol: str = "http/protobuf"
+    service_name: str = "llmproxy"
+    metric_export_interval_ms: int = 60000
+    max_queue_size: int = 2048  # spans waiting for export, per worker; beyond it they drop
+    # Spans per export. Encoding a batch holds the worker's CPU until it is done (the export
+    # greenlet yields only on I/O), so small batches keep that pause short for the requests.
+    export_batch_size: int = 64
+    propagate: bool = True  # send a traceparent naming the proxy's span to the provider
+    propagate_except: frozenset[str] = frozenset()  # provider routes that get none
+
+
+def _otel_env_bool(environ: Mapping[str, str], name: str) -> bool:
+    value = environ.get(name, "").strip().lower()
+    if value not in ("", "true", "false"):
+        raise ConfigError(name, f"must be true or false, got {value!r}")
+    return value == "true"
+
+
+def _otel_env_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(name, f"must be an integer >= 1, got {raw!r}")
+    return value
+
+
+def _otel_flag(section: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = section.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"telemetry.{key}", f"must be true or false, got {value!r}")
+    return value
+
+
+def _otel_url(value: str, where: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(where, f"must be an http(s) URL, got {value!r}")
+    return value
+
+
+def _otel_protocol(value: str, where: str) -> str:
+    if value not in PROTOCOLS:
+        raise ConfigError(where, f"must be one of {', '.join(PROTOCOLS)}, got {value!r}")
+    return value
+
+
+def _otel_signal(signal: str, on: bool, auto: bool, base: str | None, protocol: str,
+            environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """(endpoint or None, protocol) of one signal, with the OTEL_* precedence rules."""
+    upper = signal.upper()
+    protocol = _otel_protocol(environ.get(f"OTEL_EXPORTER_OTLP_{upper}_PROTOCOL", "").strip()
+                         or protocol, f"OTEL_EXPORTER_OTLP_{upper}_PROTOCOL")
+    exporter = environ.get(f"OTEL_{upper}_EXPORTER", "otlp").strip().lower() or "otlp"
+    if exporter not in ("otlp", "none"):
+        raise ConfigError(f"OTEL_{upper}_EXPORTER", f"must be otlp or none, got {exporter!r}")
+    own = environ.get(f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT", "").strip()
+    if not on or exporter == "none" or (auto and not own and not base):
+        return None, protocol
+    if own:  # a signal's own endpoint is used exactly as given
+        return _otel_url(own, f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT"), protocol
+    root = (base or _otel_DEFAULT_ENDPOINT[protocol]).rstrip("/")
+    return (root + _otel_HTTP_PATHS[signal] if protocol == "http/protobuf" else root), protocol
+
+
+def parse_telemetry(raw_section: Any, environ: Mapping[str, str]) -> TelemetrySettings:
+    """The ``telemetry:`` section and the OTEL_* variables (which win) as settings.
+
+    ``enabled: auto`` (the default) turns telemetry on when an OTLP endpoint is given, in
+    the section or in ``OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]ENDPOINT``; ``OTEL_SDK_DISABLED=true``
+    turns it off whatever else is set.
+    """
+    section: Mapping[str, Any] = {} if raw_section is None else raw_section
+    if not isinstance(section, Mapping):
+        raise ConfigError("telemetry", "must be a mapping")
+    unknown = sorted(str(k) for k in set(section) - _otel_KEYS)
+    if unknown:
+        raise ConfigError(f"telemetry.{unknown[0]}", "unknown key")
+    enabled = section.get("enabled", "auto")
+    if enabled not in ("auto", True, False):
+        raise ConfigError("telemetry.enabled", f"must be auto, true or false, got {enabled!r}")
+    if _otel_env_bool(environ, "OTEL_SDK_DISABLED") or enabled is False:
+        return TelemetrySettings()
+    auto = enabled == "auto"
+
+    endpoint = section.get("endpoint") or None
+    if endpoint is not None and not isinstance(endpoint, str):
+        raise ConfigError("telemetry.endpoint", f"must be a URL, got {endpoint!r}")
+    if endpoint is not None:
+        _otel_url(endpoint, "telemetry.endpoint")
+    env_endpoint = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    base = _otel_url(env_endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT") if env_endpoint else endpoint
+    protocol = environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip()
+    if protocol:
+        protocol = _otel_protocol(protocol, "OTEL_EXPORTER_OTLP_PROTOCOL")
+    else:
+        protocol = _otel_protocol(str(section.get("protocol", "http/protobuf")),
+                                  "telemetry.protocol")
+    traces, traces_protocol = _otel_signal("traces", _otel_flag(section, "traces", True), auto,
+                                           base, protocol, environ)
+    metrics, metrics_protocol = _otel_signal("metrics", _otel_flag(section, "metrics", True), auto,
+                                        base, protocol, environ)
+
+    service = environ.get("OTEL_SERVICE_NAME", "").strip() or section.get("service_name")
+    if service is None:
+        service = "llmproxy"
+    if not isinstance(service, str) or not service:
+        raise ConfigError("telemetry.service_name", f"must be a non-empty string, got {service!r}")
+
+    interval: Any = section.get("metric_export_interval_ms", 60000)
+    where = "telemetry.metric_export_interval_ms"
+    if environ.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip():
+        where = "OTEL_METRIC_EXPORT_INTERVAL"
+        try:
+            interval = int(environ["OTEL_METRIC_EXPORT_INTERVAL"])
+        except ValueError:
+            raise ConfigError(where, "must be an integer (milliseconds)") from None
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ConfigError(where, f"must be an integer >= 1 (milliseconds), got {interval!r}")
+
+    queue = _otel_env_int(environ, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
+    batch = _otel_env_int(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 64)
+    if batch > queue:
+        raise ConfigError("OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+                          f"must not exceed OTEL_BSP_MAX_QUEUE_SIZE ({queue}), got {batch}")
+
+    sampler = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if sampler and sampler not in SAMPLERS:
+        raise ConfigError("OTEL_TRACES_SAMPLER", f"must be one of {', '.join(SAMPLERS)}")
+    arg = environ.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if sampler.endswith("traceidratio") and arg:
+        try:
+            ratio = float(arg)
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError("OTEL_TRACES_SAMPLER_ARG", f"must be a ratio in [0, 1], got {arg!r}")
+
+    except_: Any = section.get("propagate_except") or []
+    if not isinstance(except_, list) or not all(isinstance(n, str) for n in except_):
+        raise ConfigError("telemetry.propagate_except", "must be a list of provider names")
+    on = traces is not None or metrics is not None
+    return TelemetrySettings(
+        enabled=on, traces_endpoint=traces, traces_protocol=traces_protocol,
+        metrics_endpoint=metrics, metrics_protocol=metrics_protocol, service_name=service,
+        metric_export_interval_ms=interval, max_queue_size=queue, export_batch_size=batch,
+        propagate=_otel_flag(section, "propagate", True),
+        propagate_except=frozenset(except_))
+
+
 def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
     """Validate ``raw`` (the merged YAML); raises :class:`ConfigError` naming the first bad key."""
     env = os.environ if environ is None else environ
@@ -797,6 +973,7 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         usage_records=parse_usage_records(raw),
         pricing=parse_pricing(raw),
         ratelimit=parse_ratelimit(raw, env),
+        telemetry=parse_telemetry(raw.get("telemetry"), env),
         auth=parse_auth(raw, env),
     )
 

@@ -143,6 +143,11 @@ class Exchange:
     counted_in_flight: bool = False  # metrics: counted in the in-flight gauge
     counted_stream: bool = False  # metrics: counted in the open-streams gauge
     duration: float | None = None
+    # Streams: response chunks relayed and when the last one arrived (monotonic), for the
+    # time per output chunk; the relay updates both per chunk, nothing else.
+    chunks: int = 0
+    last_chunk_at: float | None = None
+    span: Any = None  # the OpenTelemetry span of this call, when telemetry is on
     _listeners: tuple[FinishListener, ...] = ()
     _finished: bool = False
 

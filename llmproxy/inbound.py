@@ -23,6 +23,7 @@ from . import identity
 from .errors import error_response
 from .exchange import ErrorKind, Exchange, Outcome
 from .inflight import BodyTimeout
+from .observe.telemetry import EXTENSION_KEY as TELEMETRY_KEY
 from .state import get_state
 from .upstream import request_headers
 
@@ -176,6 +177,9 @@ def prepare() -> Response | None:
     g.upstream_url = url
     g.upstream_headers = forwarded
     g.body = body
+    tracing = current_app.extensions.get(TELEMETRY_KEY)
+    if tracing is not None:  # telemetry on: the call is identified, its span starts
+        ex.span = tracing.start(ex, headers)
     return None
 
 

@@ -24,6 +24,7 @@ from . import identity
 from .errors import error_response
 from .exchange import ErrorKind, Exchange, Outcome
 from .inflight import Call
+from .observe.telemetry import EXTENSION_KEY as TELEMETRY_KEY
 from .providers import Provider
 from .state import ProxyState, get_state
 from .streams.reader import ResponseReader, readable_accept_encoding
@@ -64,6 +65,8 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
     for name in headers:
         if name.lower() == "accept-encoding":  # only what the usage reader can decode
             headers[name] = readable_accept_encoding(headers[name])
+    if ex.span is not None:  # telemetry on: the provider sees the proxy's span as parent
+        current_app.extensions[TELEMETRY_KEY].inject(ex, headers)
     try:
         resp = _send_watching_client(state, request.method, g.upstream_url, headers, body,
                                      request.environ.get("gunicorn.socket"))
@@ -231,6 +234,8 @@ def _stream(ex: Exchange, provider: Provider, resp: requests.Response, parser: R
             if ex.ttfb is None:
                 ex.mark_first_byte()
             ex.response_bytes += len(chunk)
+            ex.chunks += 1
+            ex.last_chunk_at = time.monotonic()
             parser.feed(chunk)
             call.writing = time.monotonic()
             yield chunk

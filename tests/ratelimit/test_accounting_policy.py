@@ -46,7 +46,7 @@ def streamed(prompt_chars: int, max_tokens: int | None) -> Exchange:
                   key_fingerprint="fp_0123456789abcdef", streaming=True)
     ex.request_bytes = 200
     ex.request_info = RequestInfo(model="m", text_chars=prompt_chars,
-                                  max_output_tokens=max_tokens, json_ok=True)
+                                  max_output_tokens=max_tokens)
     return ex
 
 
