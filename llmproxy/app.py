@@ -48,7 +48,8 @@ def build_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     app.url_map.strict_slashes = False
     logs.configure(settings.logging.level, settings.logging.format)
 
-    providers = {name: Provider(name, ps.base_url, DIALECTS[ps.dialect])
+    providers = {name: Provider(name, ps.base_url, DIALECTS[ps.dialect],
+                                ps.api_key.reveal() if ps.api_key else None)
                  for name, ps in settings.providers.items()}
     up = settings.upstream
     state = ProxyState(settings=settings, providers=providers,
