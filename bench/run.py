@@ -1,6 +1,6 @@
 """llmproxy benchmark suite: each scenario straight to a fake upstream, then through the proxy.
 
-Usage: ``python bench/run.py [--smoke] [--scenarios A,B,C,D,E] [--streams 100,500,1000,2000]``
+Usage: ``python bench/run.py [--smoke] [--scenarios A,B,C,D,E,F] [--streams 100,500,1000,2000]``
 (``make bench`` / ``make bench-smoke``). Prints a table and writes ``bench/results/<ts>.json``.
 See docs/benchmarks.md for what each scenario measures and how processes are pinned.
 """
@@ -50,6 +50,7 @@ TARGETS = {
     "C": "N=1000: all chunks delivered, added gap p99 <= 10 ms, RSS <= 150 MB",
     "D": "peak RSS grows < 10 MB for a 50 MB upload",
     "E": "cost <= 15 % of B (memory), <= 30 % (redis)",
+    "F": "proxy keys on: cost <= 10 % of B (pass-through) by CPU per request",
 }
 
 
@@ -255,7 +256,8 @@ class Proxy:
     """``python -m gunicorn -c gunicorn.conf.py wsgi:app`` as deployed, one gevent worker."""
 
     def __init__(self, pin: Pinning, upstream: FakeUpstream, config: dict[str, Any] | None,
-                 logdir: Path, proxy_dir: Path, reference: bool = False) -> None:
+                 logdir: Path, proxy_dir: Path, reference: bool = False,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.log_path = logdir / f"proxy-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPROXY_")}
@@ -270,6 +272,7 @@ class Proxy:
             "LLMPROXY_ANTHROPIC_BASE_URL": upstream.base,
             "LLMPROXY_GEMINI_BASE_URL": upstream.base,
         })
+        env.update(extra_env or {})
         if config is not None:
             cfg = logdir / f"config-{self.port}.yml"
             # JSON is YAML: no YAML writer needed.
@@ -443,8 +446,9 @@ class Runner:
         result: dict[str, Any] = json.loads(out.stdout)
         return result
 
-    def proxy(self, config: dict[str, Any] | None = None) -> Proxy:
-        return Proxy(self.pin, self.fake, config, self.workdir, self.proxy_dir)
+    def proxy(self, config: dict[str, Any] | None = None,
+              env: dict[str, str] | None = None) -> Proxy:
+        return Proxy(self.pin, self.fake, config, self.workdir, self.proxy_dir, extra_env=env)
 
     def reference(self) -> Proxy:
         """The bare Flask + gevent + requests forwarder, started like the proxy."""
@@ -550,12 +554,14 @@ def scenario_a(r: Runner, proxy: Proxy, ref: Proxy | None = None) -> dict[str, A
     return out
 
 
-def _throughput(r: Runner, proxy: Proxy) -> tuple[WrkResult, dict[str, float]]:
+def _throughput(r: Runner, proxy: Proxy, headers: dict[str, str] | None = None
+                ) -> tuple[WrkResult, dict[str, float]]:
     p = r.plan
     path = "/openai" + CHAT_PATH
-    r.run_wrk(proxy.port, path, p.b_connections, p.warmup_seconds, r.pin.harness, HEADERS)
+    headers = {**HEADERS, **(headers or {})}
+    r.run_wrk(proxy.port, path, p.b_connections, p.warmup_seconds, r.pin.harness, headers)
     c0, f0, t0 = proxy.cpu(), cpu_seconds(r.fake.pid), time.perf_counter()
-    res = r.run_wrk(proxy.port, path, p.b_connections, p.b_seconds, r.pin.harness, HEADERS)
+    res = r.run_wrk(proxy.port, path, p.b_connections, p.b_seconds, r.pin.harness, headers)
     c1, f1, t1 = proxy.cpu(), cpu_seconds(r.fake.pid), time.perf_counter()
     cpu = c1 - c0
     return res, {
@@ -733,6 +739,67 @@ def scenario_e(r: Runner) -> dict[str, Any]:
             **rows}
 
 
+# The providers' own keys the proxy holds in scenario F (the fake upstream ignores them).
+SERVER_KEYS = {f"{name}_API_KEY": "sk-bench-server"
+               for name in ("OPENAI", "ANTHROPIC", "GEMINI", "GROQ")}
+# Creates one proxy key in the database named by argv[1] and prints its secret: run by the
+# checkout under test, with its own llmproxy.
+_CREATE_KEY = ("import sys; from llmproxy.keys.store import KeyStore; "
+               "s = KeyStore.from_url(sys.argv[1]); s.migrate(); "
+               "print(s.create('bench', user='bench-user', team='bench')[1])")
+
+
+def _create_proxy_key(r: Runner, url: str) -> str:
+    out = subprocess.run([sys.executable, "-c", _CREATE_KEY, url], cwd=r.proxy_dir,
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise HarnessError(f"cannot create a proxy key: {out.stderr.strip()[-300:]}")
+    return out.stdout.strip()
+
+
+def _keys_denies_unknown(proxy: Proxy) -> bool:
+    """A well-formed key nobody issued is refused: the check is really on."""
+    status, _ = http_post(proxy.port, "/openai" + CHAT_PATH, json.dumps(CHAT_BODY).encode(),
+                          {"Authorization": "Bearer llmp-" + "0" * 43})
+    return status == 401
+
+
+def scenario_f(r: Runner) -> dict[str, Any]:
+    """B with proxy keys (auth.mode keys, SQLite, the key cached after its first call),
+    against pass-through measured right before and right after, as in E."""
+    url = f"sqlite:///{r.workdir / 'keys.db'}"
+    try:
+        secret = _create_proxy_key(r, url)
+    except HarnessError as exc:
+        return {"available": False, "reason": str(exc)}
+    config = {"auth": {"mode": "keys", "database_url": url}}
+    runs: dict[str, list[tuple[WrkResult, dict[str, Any]]]] = {"passthrough": [], "keys": []}
+    verified = True
+    for mode in ("passthrough", "keys", "passthrough"):
+        proxy = r.proxy(config if mode == "keys" else None, SERVER_KEYS)
+        try:
+            headers = {"Authorization": f"Bearer {secret}"} if mode == "keys" else None
+            runs[mode].append(_throughput(r, proxy, headers))
+            if mode == "keys":
+                verified = _keys_denies_unknown(proxy)
+        finally:
+            proxy.stop()
+    base_cpu = sum(x[1]["proxy_cpu_s_per_1000"] for x in runs["passthrough"]) / 2
+    base_rps = sum(x[0].rps for x in runs["passthrough"]) / 2
+    res, extra = runs["keys"][0]
+    cpu_cost = 1.0 - base_cpu / extra["proxy_cpu_s_per_1000"] if extra["proxy_cpu_s_per_1000"] \
+        else None
+    return {
+        "available": True,
+        "baseline": {"rps": round(base_rps, 1), "proxy_cpu_s_per_1000": round(base_cpu, 3),
+                     "runs": [w.as_dict() | e for w, e in runs["passthrough"]]},
+        "keys": {**res.as_dict(), **extra, "keys_verified": verified},
+        "cost_vs_b": round(1.0 - res.rps / base_rps, 3) if base_rps else None,
+        "cpu_cost_vs_b": round(cpu_cost, 3) if cpu_cost is not None else None,
+        "pass": cpu_cost is not None and cpu_cost <= 0.10 and res.errors == 0 and verified,
+    }
+
+
 # --- report ---------------------------------------------------------------------------------
 
 def _f(x: Any, nd: int = 2) -> str:
@@ -849,6 +916,24 @@ def render(results: dict[str, Any]) -> str:
                 f"{_f(row.get('cpu_cost_vs_b', 0) * 100, 1)} %, "
                 f"{row['proxy_cpu_s_per_1000']:.3f} s/1,000)  limiter verified "
                 f"{_f(row['limiter_verified'])}  [{_verdict(row.get('pass'))}]")
+    if "F" in s:
+        f = s["F"]
+        add("")
+        add(f"F. Proxy keys on (auth.mode keys) — scenario B   [{TARGETS['F']}]")
+        if not f.get("available"):
+            add(f"  not available: {f.get('reason')}")
+        else:
+            base, k = f["baseline"], f["keys"]
+
+            def pct(x: float | None) -> str:
+                return _f(None if x is None else x * 100, 1)
+
+            add(f"  pass-through (before and after) {base['rps']:>8,.0f} req/s  "
+                f"{base['proxy_cpu_s_per_1000']:.3f} s CPU / 1,000")
+            add(f"  proxy keys   {k['rps']:>8,.0f} req/s  p99 {k['p99_ms']:.2f} ms  "
+                f"{k['proxy_cpu_s_per_1000']:.3f} s CPU / 1,000  cost vs B "
+                f"{pct(f['cost_vs_b'])} % (by CPU per request {pct(f['cpu_cost_vs_b'])} %)"
+                f"  keys verified {_f(k['keys_verified'])}  [{_verdict(f.get('pass'))}]")
     return "\n".join(lines)
 
 
@@ -907,12 +992,16 @@ def check_smoke(results: dict[str, Any]) -> list[str]:
         row = s.get("E", {}).get(backend)
         if row and row.get("available") and (row["requests"] == 0 or row["errors"]):
             problems.append(f"E {backend}: {row}")
+    f = s.get("F")
+    if f is not None and (not f.get("available") or f["keys"]["requests"] == 0
+                          or f["keys"]["errors"] or not f["keys"]["keys_verified"]):
+        problems.append(f"F: {f.get('keys', f)}")
     return problems
 
 
 def run(args: argparse.Namespace) -> int:
     scenarios = [x.strip().upper() for x in args.scenarios.split(",") if x.strip()]
-    unknown = set(scenarios) - set("ABCDE")
+    unknown = set(scenarios) - set("ABCDEF")
     if unknown:
         raise SystemExit(f"unknown scenarios: {','.join(sorted(unknown))}")
     streams = [int(x) for x in args.streams.split(",")] if args.streams else None
@@ -977,6 +1066,8 @@ def run(args: argparse.Namespace) -> int:
                 s["D"] = scenario_d(r)
             if "E" in scenarios:
                 s["E"] = scenario_e(r)
+            if "F" in scenarios:
+                s["F"] = scenario_f(r)
         finally:
             fake.stop()
     results["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -1001,7 +1092,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true",
                     help="a few seconds with tiny counts: proves the harness works")
-    ap.add_argument("--scenarios", default="A,B,C,D,E", help="comma-separated subset of A-E")
+    ap.add_argument("--scenarios", default="A,B,C,D,E,F", help="comma-separated subset of A-F")
     ap.add_argument("--streams", default="", help="scenario C stream counts, e.g. 100,500,1000")
     ap.add_argument("--proxy-dir", default="",
                     help="start the proxy from this checkout instead (to compare a change)")

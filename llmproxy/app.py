@@ -70,6 +70,10 @@ def build_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     state.on_finish(logs.log_exchange)
     state.other_listeners.append(logs.log_exchange)
     counting = settings.metrics.enabled
+    if settings.auth.mode != "passthrough":  # proxy keys, checked by inbound.prepare
+        from .keys.guard import open_guard
+
+        state.keys = open_guard(settings, metrics.record_key_refusal if counting else None)
     if settings.usage_records.enabled:
         sink = records.open_sink(app, settings.usage_records,
                                  metrics.record_dropped_usage_record if counting else None)

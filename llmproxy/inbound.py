@@ -19,6 +19,7 @@ from flask import Response, current_app, g, request
 from . import identity
 from .errors import error_response
 from .exchange import ErrorKind, Exchange, Outcome
+from .keys.credentials import forward_target
 from .state import get_state
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{8,128}$")
@@ -80,10 +81,17 @@ def prepare() -> Response | None:
         ex.status = 404
         return error_response(dialect, 404, "Unknown route.", request_id=rid)
     headers = request.headers
-    ex.api_key = identity.api_key(headers, request.query_string.decode("latin-1"),
-                                  dialect.credential_headers, dialect.credential_params)
+    query = request.query_string.decode("latin-1")
+    ex.api_key = identity.api_key(headers, query, dialect.credential_headers,
+                                  dialect.credential_params)
     if ex.api_key:
         ex.key_fingerprint = identity.fingerprint(ex.api_key)
+    keys = state.keys  # set for auth.mode keys|mixed: proxy keys (llmproxy/keys/guard.py)
+    proxy_key = keys.authenticate(ex, dialect, headers, query) if keys is not None else None
+    if isinstance(proxy_key, Response):
+        return proxy_key
+    if proxy_key is not None:  # forwarded without it: the relay adds the provider's own key
+        rest = forward_target(rest, dialect.credential_params)
     ex.client_ip = identity.client_ip(request.remote_addr, headers.get("X-Forwarded-For"),
                                       state.settings.server.trusted_proxies)
     url = provider.upstream_url(rest)
@@ -117,6 +125,10 @@ def prepare() -> Response | None:
     ex.streaming = info.streaming
     ex.user, ex.user_source = identity.resolve_user(path_user, headers, info.user, query,
                                                      ex.client_ip)
+    if proxy_key is not None and keys is not None:
+        refused = keys.authorize(ex, proxy_key)
+        if refused is not None:
+            return refused
     g.exchange = ex
     g.upstream_url = url
     g.body = body

@@ -22,6 +22,7 @@ from flask import Response, current_app, g, request
 from . import identity
 from .errors import error_response
 from .exchange import ErrorKind, Exchange, Outcome
+from .keys.credentials import forward_headers
 from .providers import Provider
 from .state import ProxyState, get_state
 from .streams.reader import ResponseReader
@@ -58,6 +59,8 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
                          "Transfer-Encoding other than chunked is not supported.")
         body = BodyStream(request.stream, None, state.settings.server.max_body_bytes)
     headers = request_headers(request.headers.items())
+    if ex.key_id is not None:  # a proxy-key call: the provider's own key replaces it
+        headers = forward_headers(headers, provider.credential)
     try:
         resp = _send_watching_client(state, request.method, g.upstream_url, headers, body,
                                      request.environ.get("gunicorn.socket"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from flask import Flask
 
@@ -10,6 +11,9 @@ from .config import Settings
 from .exchange import FinishListener
 from .providers import Provider
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .keys.guard import KeyGuard
 
 EXTENSION_KEY = "llmproxy"
 
@@ -23,6 +27,8 @@ class ProxyState:
     listeners: list[FinishListener] = field(default_factory=list)
     #: Listeners of every other request (/health, /metrics, unknown routes): the access log.
     other_listeners: list[FinishListener] = field(default_factory=list)
+    #: Proxy-key checks, with auth.mode keys or mixed; None for pass-through.
+    keys: KeyGuard | None = None
 
     def on_finish(self, listener: FinishListener) -> FinishListener:
         """Register a terminal-event listener for provider calls (usable as a decorator)."""

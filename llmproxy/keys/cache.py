@@ -2,7 +2,8 @@
 
 A key found in the store is trusted for ``ttl`` seconds (``auth.key_cache_seconds``): that
 is how long a revocation or an edit takes to reach every worker on every host, and within
-it a call with that key reads nothing from the database. An unknown secret is remembered
+it a call with that key reads nothing from the database. A key still in use late in its TTL
+is looked up again by a background greenlet, so busy keys never make a request wait. An unknown secret is remembered
 for ``negative_ttl`` seconds, in a table of bounded size. Lookups of secrets not in the
 cache share one query per secret (single-flight) and spend a per-worker budget, so a flood
 of random keys costs at most that many queries a second.
@@ -36,6 +37,8 @@ MAX_NEGATIVE = 10_000
 MAX_POSITIVE = 100_000
 #: Lookups a worker may send to the store per second (and at once, after a quiet spell).
 LOOKUPS_PER_SECOND = 200.0
+#: Share of the TTL after which a key in use is looked up again in the background.
+REFRESH_AHEAD = 0.8
 #: Seconds the store is left alone after it failed.
 RETRY_AFTER = 1.0
 #: How often last-used times are written.
@@ -63,6 +66,9 @@ class KeyLookupUnavailable(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason  # store_down | throttled
+
+
+_Cached = tuple[ProxyKey, float, float]
 
 
 class _Flight:
@@ -95,9 +101,9 @@ class KeyCache:
         self._retry_after = retry_after
         self._touch_interval = touch_interval
         self._clock = clock
-        # secret hash -> (key, fresh until); a stale entry is still served while the store
-        # is down
-        self._keys: dict[str, tuple[ProxyKey, float]] = {}
+        # secret hash -> (key, fresh until, refreshed from); a stale entry is still served
+        # while the store is down
+        self._keys: dict[str, _Cached] = {}
         self._unknown: dict[str, float] = {}  # secret hash -> forgotten at (insertion order)
         self._flights: dict[str, _Flight] = {}
         self._lock = threading.Lock()
@@ -119,21 +125,26 @@ class KeyCache:
         digest = hash_secret(secret)
         now = self._clock()
         cached = self._keys.get(digest)
-        if cached is not None and now < cached[1]:
-            return cached[0]
-        forget_at = self._unknown.get(digest)
-        if forget_at is not None and now < forget_at:
-            return None
-        if now < self._down_until:
+        if cached is not None:
+            if now < cached[1]:
+                if now >= cached[2] and now >= self._down_until:
+                    self._refresh_in_background(digest)
+                return cached[0]
+        else:
+            forget_at = self._unknown.get(digest)
+            if forget_at is not None and now < forget_at:
+                return None
+        if now < self._down_until or (cached is not None and digest in self._flights):
+            # The store is down, or slow with this key's refresh: the cached key stands.
             return self._stale(cached, "store_down")
         return self._load(digest, cached)
 
-    def _stale(self, cached: tuple[ProxyKey, float] | None, reason: str) -> ProxyKey:
+    def _stale(self, cached: _Cached | None, reason: str) -> ProxyKey:
         if cached is None:
             raise KeyLookupUnavailable(reason)
         return cached[0]
 
-    def _load(self, digest: str, cached: tuple[ProxyKey, float] | None) -> ProxyKey | None:
+    def _load(self, digest: str, cached: _Cached | None) -> ProxyKey | None:
         with self._lock:
             flight = self._flights.get(digest)
             leader = flight is None
@@ -146,13 +157,37 @@ class KeyCache:
                 return self._stale(cached, "store_down")
             return flight.key
         try:
+            return self._fly(digest, flight)
+        except self._errors:
+            return self._stale(cached, "store_down")
+
+    def _refresh_in_background(self, digest: str) -> None:
+        """Look a key in use up again before it goes stale, so no request waits for it."""
+        with self._lock:
+            if digest in self._flights:
+                return
+            flight = self._flights[digest] = _Flight()
+        threading.Thread(target=self._refresh, args=(digest, flight), daemon=True,
+                         name="llmproxy-key-refresh").start()
+
+    def _refresh(self, digest: str, flight: _Flight) -> None:
+        try:
+            self._fly(digest, flight)
+        except self._errors:
+            pass  # _fly warned; the cached key stays until the store answers
+        except Exception:
+            log.exception("proxy keys: refreshing a cached key failed")
+
+    def _fly(self, digest: str, flight: _Flight) -> ProxyKey | None:
+        """Run ``flight``'s query and remember its answer; store errors are re-raised."""
+        try:
             self.lookups += 1
             key = self._store.lookup(digest)
         except self._errors as exc:
             self._down_until = self._clock() + self._retry_after
             self._warn("proxy-key store unavailable (%s): cached keys keep working, "
                        "others are answered 503", exc)
-            return self._stale(cached, "store_down")
+            raise
         else:
             flight.key, flight.failed = key, False
             self._remember(digest, key)
@@ -186,7 +221,7 @@ class KeyCache:
         self._unknown.pop(digest, None)
         if digest not in self._keys and len(self._keys) >= self._max_positive:
             del self._keys[next(iter(self._keys))]
-        self._keys[digest] = (key, now + self.ttl)
+        self._keys[digest] = (key, now + self.ttl, now + self.ttl * REFRESH_AHEAD)
 
     def _warn(self, message: str, *args: object) -> None:
         now = self._clock()

@@ -76,6 +76,8 @@ def record_of(ex: Exchange) -> dict[str, Any]:
         "user": ex.user,
         "user_source": ex.user_source,
         "key_fingerprint": ex.key_fingerprint,
+        "key_id": ex.key_id,
+        "team": ex.team,
         "request_bytes": ex.request_bytes,
         "response_bytes": ex.response_bytes,
         "upstream_request_id": ex.meta.response_id,

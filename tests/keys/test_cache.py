@@ -74,13 +74,33 @@ def test_a_cached_key_is_not_looked_up_again_until_its_ttl_ends(store: FakeStore
     secret, key = store.add()
     cache = make_cache(store, clock, ttl=5.0)
     assert cache.get(secret) == key
-    clock.now += 4.9
+    clock.now += 3.9  # before the refresh-ahead point (80 % of the TTL)
     assert cache.get(secret) == key
     assert len(store.lookups) == 1
-    clock.now += 0.2  # past the TTL: the store is asked again and sees the revocation
+    clock.now += 1.2  # past the TTL: the store is asked again and sees the revocation
     store.keys[hash_secret(secret)] = ProxyKey(id=key.id, prefix=key.prefix, name="test",
                                                revoked=True)
     assert cache.get(secret).revoked  # type: ignore[union-attr]
+    assert len(store.lookups) == 2
+
+
+def test_a_key_in_use_is_refreshed_in_the_background(store: FakeStore, clock: Clock) -> None:
+    secret, key = store.add()
+    cache = make_cache(store, clock, ttl=5.0)
+    assert cache.get(secret) == key
+    store.gate = threading.Event()  # the store now hangs until the test lets it answer
+    store.entered.clear()
+    clock.now += 4.2
+    assert cache.get(secret) == key  # answered from the cache while the refresh waits
+    assert store.entered.wait(5)
+    revoked = ProxyKey(id=key.id, prefix=key.prefix, name="test", revoked=True)
+    store.keys[hash_secret(secret)] = revoked
+    clock.now += 1.0  # stale now, its refresh still hanging: the cached key stands
+    assert cache.get(secret) == key
+    refresh = cache._flights[hash_secret(secret)]  # noqa: SLF001 - to await its end
+    store.gate.set()
+    assert refresh.done.wait(5)
+    assert cache.get(secret) == revoked
     assert len(store.lookups) == 2
 
 
