@@ -30,7 +30,7 @@ _KEY_ID_RE = re.compile(r"^key_[0-9a-f]{16}$")
 # What a secret looks like: the prefix, then URL-safe base64 only (nothing to inject anywhere).
 _SECRET_RE = re.compile(r"^llmp-[A-Za-z0-9_-]{32,128}$")
 
-#: Fields a caller may set at creation; all but ``name`` may be changed later.
+#: Fields a caller may set (``name`` is required at creation).
 FIELDS = ("name", "user", "team", "providers", "models", "limits", "expires_at", "metadata")
 
 
