@@ -3,10 +3,10 @@
 A key found in the store is trusted for ``ttl`` seconds (``auth.key_cache_seconds``): that
 is how long a revocation or an edit takes to reach every worker on every host, and within
 it a call with that key reads nothing from the database. A key still in use late in its TTL
-is looked up again by a background greenlet, so busy keys never make a request wait. An unknown secret is remembered
-for ``negative_ttl`` seconds, in a table of bounded size. Lookups of secrets not in the
-cache share one query per secret (single-flight) and spend a per-worker budget, so a flood
-of random keys costs at most that many queries a second.
+is looked up again by a background greenlet, so busy keys never make a request wait. An
+unknown secret is remembered for ``negative_ttl`` seconds, in a table of bounded size.
+Lookups of secrets not in the cache share one query per secret (single-flight) and spend a
+per-worker budget, so a flood of random keys costs at most that many queries a second.
 
 When the store fails, keys already cached keep working (stale, until the store answers
 again) and other secrets raise :class:`KeyLookupUnavailable` (the caller answers 503, not
@@ -48,10 +48,6 @@ WAIT_TIMEOUT = 30.0
 _WARN_EVERY = 10.0
 
 
-class KeyStoreError(Exception):
-    """Stand-in for the store's error type until one is passed in (see ``KeyCache``)."""
-
-
 class KeySource(Protocol):
     """What the cache needs of :class:`~llmproxy.keys.store.KeyStore`."""
 
@@ -83,10 +79,11 @@ class _Flight:
 
 
 class KeyCache:
-    """Per-worker TTL cache in front of a key store's ``lookup``."""
+    """Per-worker TTL cache in front of a key store's ``lookup``; ``store_errors`` are the
+    exceptions by which the store says it cannot answer."""
 
     def __init__(self, store: KeySource, ttl: float, *,
-                 store_errors: tuple[type[BaseException], ...] = (KeyStoreError,),
+                 store_errors: tuple[type[BaseException], ...],
                  negative_ttl: float = NEGATIVE_TTL, max_negative: int = MAX_NEGATIVE,
                  max_positive: int = MAX_POSITIVE, lookups_per_second: float = LOOKUPS_PER_SECOND,
                  retry_after: float = RETRY_AFTER, touch_interval: float = TOUCH_INTERVAL,

@@ -19,10 +19,10 @@ import openai
 import pytest
 import requests
 from conftest import ProxyFactory, ProxyLauncher, ProxyProcess, new_request_id
+from e2e.sdk import anthropic_client, gemini_client, openai_client
 from fake_upstream import FakeUpstream, Recorded
 from google.genai import errors as genai_errors
 
-from e2e.sdk import anthropic_client, gemini_client, openai_client
 from llmproxy.keys.model import ProxyKey, generate_secret
 from llmproxy.keys.store import KeyStore
 
@@ -212,9 +212,9 @@ def test_unknown_revoked_and_expired_keys_are_401(proxy: ProxyProcess,
             anthropic_client(proxy.url, new_request_id(), api_key=secret).messages.create(
                 model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "x"}])
         assert words in refused_body(an.value) and secret not in refused_body(an.value)
+        gemini = gemini_client(proxy.url, new_request_id(), api_key=secret)  # GC closes it
         with pytest.raises(genai_errors.ClientError) as ge:
-            gemini_client(proxy.url, new_request_id(), api_key=secret) \
-                .models.generate_content(model=MODEL, contents="x")
+            gemini.models.generate_content(model=MODEL, contents="x")
         assert ge.value.code == 401 and ge.value.status == "UNAUTHENTICATED"
     assert assert_never_forwarded(fake_upstream) == []
     # A browser gets the refusal with CORS headers, so a web app can read it.
@@ -243,9 +243,9 @@ def test_a_provider_or_model_not_allowed_is_403(proxy: ProxyProcess,
     with pytest.raises(anthropic.PermissionDeniedError):
         anthropic_client(proxy.url, new_request_id(), api_key=secret).messages.create(
             model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "x"}])
+    gemini = gemini_client(proxy.url, new_request_id(), api_key=secret, version="v1beta")
     with pytest.raises(genai_errors.ClientError) as ge:
-        gemini_client(proxy.url, new_request_id(), api_key=secret, version="v1beta") \
-            .models.generate_content(model="gemini-other", contents="x")
+        gemini.models.generate_content(model="gemini-other", contents="x")
     assert ge.value.code == 403
     # A model list names no model: a model-restricted key cannot say it is allowed.
     with pytest.raises(openai.PermissionDeniedError):

@@ -12,11 +12,11 @@ import openai
 import pytest
 import requests
 from conftest import ProxyFactory, ProxyProcess, new_request_id
+from e2e.sdk import anthropic_client, gemini_client, openai_client
 from fake_upstream import FakeUpstream
 from google.genai import errors as genai_errors
 from pg_server import PostgresServer
 
-from e2e.sdk import anthropic_client, gemini_client, openai_client
 from llmproxy.keys.model import generate_secret
 from llmproxy.keys.store import KeyStore
 
@@ -102,9 +102,9 @@ def test_an_outage_keeps_cached_keys_and_answers_unknown_keys_503(
                 .messages.create(model=MODEL, max_tokens=8,
                                  messages=[{"role": "user", "content": "x"}])
         assert an.value.status_code == 503
+        gemini = gemini_client(proxy.url, new_request_id(), api_key=generate_secret())
         with pytest.raises(genai_errors.ServerError) as ge:
-            gemini_client(proxy.url, new_request_id(), api_key=generate_secret()) \
-                .models.generate_content(model=MODEL, contents="x")
+            gemini.models.generate_content(model=MODEL, contents="x")
         assert ge.value.code == 503
         assert status(proxy, secret) == 200
     postgres.start()
