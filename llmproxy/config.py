@@ -698,12 +698,18 @@ def parse_auth(raw: Mapping[str, Any], environ: Mapping[str, str]) -> AuthSettin
     )
 
 
-def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
-    """Validate ``raw`` (the merged YAML); raises :class:`ConfigError` naming the first bad key."""
+def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None, *,
+                   provider_keys: bool = True) -> Settings:
+    """Validate ``raw`` (the merged YAML); raises :class:`ConfigError` naming the first bad key.
+
+    ``provider_keys=False`` leaves the providers' own keys unread, for tools that never call
+    a provider (the ``keys`` CLI), so they run where those keys are not.
+    """
     env = os.environ if environ is None else environ
     auth = parse_auth(raw, env)
     return Settings(
-        providers=parse_providers(raw, env, keys_required=auth.mode != "passthrough"),
+        providers=parse_providers(raw, env, keys_required=provider_keys
+                                  and auth.mode != "passthrough"),
         server=parse_server(raw),
         upstream=parse_upstream(raw),
         cors=parse_cors(raw),
@@ -717,6 +723,7 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None,
-                  environ: Mapping[str, str] | None = None) -> Settings:
+                  environ: Mapping[str, str] | None = None, *,
+                  provider_keys: bool = True) -> Settings:
     """What the app runs with: the YAML files, ``overrides`` and the environment, validated."""
-    return build_settings(load_raw(overrides, environ), environ)
+    return build_settings(load_raw(overrides, environ), environ, provider_keys=provider_keys)
