@@ -1,4 +1,4 @@
-"""``python -m llmproxy --version`` and ``python -m llmproxy build-info``."""
+"""``python -m llmproxy --version``, ``build-info``, ``check-config`` and ``keys ...``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ from . import buildinfo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llmproxy")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:  # its own sub-commands and options: see llmproxy/keys/cli.py
+        from .keys import cli
+
+        return cli.main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="llmproxy", epilog="python -m llmproxy keys --help: manage proxy keys")
     parser.add_argument("--version", action="store_true", help="print version and build info")
     parser.add_argument("command", nargs="?", choices=["build-info", "check-config"],
                         help="build-info: record git commit and build time; "

@@ -70,10 +70,6 @@ def build_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     state.on_finish(logs.log_exchange)
     state.other_listeners.append(logs.log_exchange)
     counting = settings.metrics.enabled
-    if settings.auth.mode != "passthrough":  # proxy keys, checked by inbound.prepare
-        from .keys.guard import open_guard
-
-        state.keys = open_guard(settings, metrics.record_key_refusal if counting else None)
     if settings.usage_records.enabled:
         sink = records.open_sink(app, settings.usage_records,
                                  metrics.record_dropped_usage_record if counting else None)
@@ -94,12 +90,42 @@ def build_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     state.on_finish(tracker.observe)
     health.init_app(app, tracker)
 
+    _init_keys(app, state)
+    if state.key_store is not None and settings.auth.mode != "passthrough":
+        from .keys.guard import open_guard  # proxy keys, checked by inbound.prepare
+
+        state.keys = open_guard(state.key_store, settings,
+                                metrics.record_key_refusal if counting else None)
     for name, provider in providers.items():
         bp = provider.blueprint(relay.proxy_view)
         app.register_blueprint(bp, url_prefix=f"/{name}")
         app.register_blueprint(bp, url_prefix=f"/meta/<user_id>/{name}", name=f"{name}_meta")
     _register_error_handlers(app)
     return app
+
+
+def _init_keys(app: Flask, state: ProxyState) -> None:
+    """Open the key database (only when keys or the admin API are in use) and mount /admin.
+
+    The schema is migrated here, in each worker (the migration takes a lock, so workers and
+    hosts starting together are safe); if the database is unreachable now, the store
+    migrates on its first successful use instead, and the worker starts all the same.
+    """
+    auth = state.settings.auth
+    if auth.mode == "passthrough" and not auth.admin_token:
+        return
+    from .keys import admin
+    from .keys.store import KeyStore, KeyStoreError
+
+    store = KeyStore.from_url(auth.database_url)
+    try:
+        store.migrate()
+    except KeyStoreError as exc:
+        app.logger.error("key database not ready at start-up (%s): retried on first use", exc)
+    state.key_store = store
+    if auth.admin_token:
+        app.register_blueprint(admin.blueprint(store, auth.admin_token, state.providers),
+                               url_prefix="/admin")
 
 
 def _dialect() -> str | None:

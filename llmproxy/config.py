@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import yaml
 
@@ -667,8 +667,32 @@ def parse_ratelimit(raw: Mapping[str, Any], environ: Mapping[str, str]) -> RateL
 
 AUTH_MODES = ("passthrough", "keys", "mixed")
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres", "postgresql+pg8000")
+PG_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 MIN_ADMIN_TOKEN_CHARS = 16
 MAX_KEY_CACHE_SECONDS = 3600.0  # also the longest a revoked key keeps working
+
+
+def _database_url(url: Any) -> None:
+    key = "auth.database_url"  # the URL may carry a password: messages never quote it
+    if not isinstance(url, str) or urlsplit(url).scheme not in DATABASE_SCHEMES:
+        raise ConfigError(key, "must be a sqlite:///<path> or postgresql://... URL")
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        if not parts.path.lstrip("/") or parts.query:
+            raise ConfigError(key, "must name a file: sqlite:///relative/path or "
+                                   "sqlite:////absolute/path")
+        return
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigError(key, "has an invalid port") from None
+    if not parts.hostname:
+        raise ConfigError(key, "must name a host")
+    for name, values in parse_qs(parts.query, keep_blank_values=True).items():
+        if name != "sslmode":
+            raise ConfigError(key, f"unsupported parameter {name!r} (supported: sslmode)")
+        if values[-1] not in PG_SSLMODES:
+            raise ConfigError(key, f"sslmode must be one of {', '.join(PG_SSLMODES)}")
 
 
 def parse_auth(raw: Mapping[str, Any], environ: Mapping[str, str]) -> AuthSettings:
@@ -677,10 +701,7 @@ def parse_auth(raw: Mapping[str, Any], environ: Mapping[str, str]) -> AuthSettin
     _no_unknown(s, "auth", ("mode", "database_url", "admin_token", "key_cache_seconds"))
     d = AuthSettings()
     url = environ.get("LLMPROXY_DATABASE_URL") or s.get("database_url") or d.database_url
-    # The URL may carry a password: the messages below never quote it.
-    if not isinstance(url, str) or urlsplit(url).scheme not in DATABASE_SCHEMES:
-        raise ConfigError("auth.database_url",
-                          "must be a sqlite:///<path> or postgresql://... URL")
+    _database_url(url)
     token = environ.get("LLMPROXY_ADMIN_TOKEN") or s.get("admin_token") or ""
     if not isinstance(token, str):
         raise ConfigError("auth.admin_token", "must be a string")

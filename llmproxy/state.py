@@ -12,8 +12,9 @@ from .exchange import FinishListener
 from .providers import Provider
 from .upstream import Upstream
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the store's module loads SQLAlchemy: only when keys are in use
     from .keys.guard import KeyGuard
+    from .keys.store import KeyStore
 
 EXTENSION_KEY = "llmproxy"
 
@@ -27,6 +28,8 @@ class ProxyState:
     listeners: list[FinishListener] = field(default_factory=list)
     #: Listeners of every other request (/health, /metrics, unknown routes): the access log.
     other_listeners: list[FinishListener] = field(default_factory=list)
+    #: The proxy-key database, when auth.mode uses keys or the admin API is on.
+    key_store: KeyStore | None = None
     #: Proxy-key checks, with auth.mode keys or mixed; None for pass-through.
     keys: KeyGuard | None = None
 

@@ -25,6 +25,7 @@ from ..providers.base import HeadersLike
 from .cache import KeyCache, KeyLookupUnavailable
 from .credentials import find_proxy_key
 from .model import ProxyKey, looks_like_proxy_key
+from .store import KeyStore, KeyStoreError
 
 log = logging.getLogger("llmproxy.keys")
 
@@ -104,21 +105,9 @@ class KeyGuard:
                               code=code, headers=headers)
 
 
-def open_guard(settings: Settings, on_refused: RefusedListener | None = None) -> KeyGuard:
-    """The worker's guard over the configured key database (auth.mode keys or mixed).
-
-    A database that cannot be reached at start-up is logged, not fatal: the worker starts
-    and answers proxy-key calls 503 until the database answers (a worker restarted during
-    an outage would otherwise take its healthy pass-through traffic down with it).
-    """
-    from .store import KeyStore, KeyStoreError  # the database layer loads only when used
-
-    store = KeyStore.from_url(settings.auth.database_url)
-    try:
-        store.migrate()
-    except KeyStoreError as exc:
-        log.error("proxy keys: the key database is unavailable at start-up (%s); calls with "
-                  "a proxy key are answered 503 until it answers", exc)
+def open_guard(store: KeyStore, settings: Settings,
+               on_refused: RefusedListener | None = None) -> KeyGuard:
+    """The worker's guard over its key store (auth.mode keys or mixed)."""
     cache = KeyCache(store, settings.auth.key_cache_seconds, store_errors=(KeyStoreError,))
     cache.close_at_exit()
     return KeyGuard(cache, required=settings.auth.mode == "keys",

@@ -27,6 +27,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
+from ..config import PG_SSLMODES
 from . import schema
 from .model import (
     ProxyKey,
@@ -46,7 +47,6 @@ DEFAULT_TIMEOUT = 10.0
 SQLITE_BUSY_MS = 5000  # how long a writer waits for another process's write lock
 # Any constant shared by every llmproxy process: the migration lock's id in PostgreSQL.
 _PG_MIGRATION_LOCK = 0x6C6C6D70  # "llmp"
-_PG_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 class KeyStoreError(Exception):
@@ -78,22 +78,31 @@ def _reason(exc: BaseException, password: str | None) -> str:
 
 
 def _postgres_url(url: URL) -> tuple[URL, dict[str, Any]]:
-    """``url`` for pg8000, and its connect arguments (TLS from libpq's ``sslmode``)."""
+    """``url`` for pg8000, and its connect arguments (TLS from libpq's ``sslmode``).
+
+    Without ``sslmode`` the connection is plain (``disable``): pg8000's own default tries TLS
+    first and builds a new TLS context, loading every CA certificate, for each connection,
+    which stalls a gevent worker for a good part of a second each time its pool grows. The
+    contexts made here are made once per store.
+    """
     query = dict(url.query)
     mode = query.pop("sslmode", "disable")
-    if not isinstance(mode, str) or mode not in _PG_SSLMODES:
-        raise KeyStoreError(f"sslmode must be one of {', '.join(_PG_SSLMODES)}")
+    if not isinstance(mode, str) or mode not in PG_SSLMODES:
+        raise KeyStoreError(f"sslmode must be one of {', '.join(PG_SSLMODES)}")
     if query:
         raise KeyStoreError(f"unsupported database URL parameters: {', '.join(sorted(query))}")
-    args: dict[str, Any] = {}
-    if mode in ("require", "verify-ca", "verify-full"):
+    context: ssl.SSLContext | bool | None
+    if mode == "disable":
+        context = False
+    elif mode in ("allow", "prefer"):
+        context = None  # pg8000: TLS if the server offers it, unverified, else plain
+    else:
         context = ssl.create_default_context()
         if mode != "verify-full":
             context.check_hostname = False
         if mode == "require":  # libpq's meaning: encrypted, certificate not checked
             context.verify_mode = ssl.CERT_NONE
-        args["ssl_context"] = context
-    return url.set(drivername="postgresql+pg8000", query={}), args
+    return url.set(drivername="postgresql+pg8000", query={}), {"ssl_context": context}
 
 
 def _sqlite_engine(url: URL, timeout: float) -> Engine:

@@ -27,8 +27,10 @@ _SECRET_RES: tuple[tuple[re.Pattern[str], str, tuple[str, ...], bool], ...] = (
     (re.compile(r"(?i)((?:x-api-key|x-goog-api-key|authorization)[\"']?\s*[:=]\s*[\"']?)"
                 r"[^\s\"',}]{6,}"), r"\1REDACTED",
      ("x-api-key", "x-goog-api-key", "authorization"), True),
-    (re.compile(r"\b(sk-(?:ant-)?|AIza|llmp-)[A-Za-z0-9_\-]{8,}"), r"\1REDACTED",
-     ("sk-", "AIza", "llmp-"), False),
+    (re.compile(r"\b(sk-(?:ant-)?|AIza)[A-Za-z0-9_\-]{8,}"), r"\1REDACTED", ("sk-", "AIza"),
+     False),
+    # proxy keys (llmproxy.keys.model.KEY_PREFIX), e.g. pasted into a URL path
+    (re.compile(r"\b(llmp-)[A-Za-z0-9_\-]{8,}"), r"\1REDACTED", ("llmp-",), False),
 )
 
 

@@ -13,6 +13,14 @@ from pg_server import PostgresServer, find_binary
 from llmproxy.keys.store import KeyStore
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:  # `-m "not postgres"` deselects every test that starts the server
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("database_url") if callspec is not None else None
+        if "postgres_session" in getattr(item, "fixturenames", ()) or backend == "postgresql":
+            item.add_marker(pytest.mark.postgres)
+
+
 @pytest.fixture(scope="session")
 def postgres_session() -> Iterator[PostgresServer]:
     """A PostgreSQL server of our own; skipped without initdb/pg_ctl (fails under CI=true)."""

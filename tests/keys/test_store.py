@@ -270,12 +270,21 @@ def test_postgres_urls_use_pg8000_and_sslmode_maps_to_tls() -> None:
     from sqlalchemy.engine import make_url
 
     url, args = _postgres_url(make_url("postgres://u:p@h:5433/db"))
-    assert url.drivername == "postgresql+pg8000" and url.port == 5433 and args == {}
+    assert url.drivername == "postgresql+pg8000" and url.port == 5433
+    assert args == {"ssl_context": False}  # plain: never pg8000's TLS attempt per connection
     _, args = _postgres_url(make_url("postgresql://u:p@h/db?sslmode=require"))
     context = args["ssl_context"]
     assert context.verify_mode == ssl.CERT_NONE and not context.check_hostname
     _, args = _postgres_url(make_url("postgresql://u:p@h/db?sslmode=verify-full"))
     assert args["ssl_context"].verify_mode == ssl.CERT_REQUIRED
     assert args["ssl_context"].check_hostname
-    _, args = _postgres_url(make_url("postgresql://u:p@h/db?sslmode=disable"))
-    assert args == {}
+    _, args = _postgres_url(make_url("postgresql://u:p@h/db?sslmode=prefer"))
+    assert args == {"ssl_context": None}
+
+
+def test_tls_required_against_a_server_without_tls_fails_cleanly(postgres: PostgresServer,
+                                                                   postgres_url: str) -> None:
+    store = KeyStore.from_url(postgres_url + "?sslmode=require", timeout=5)
+    with pytest.raises(KeyStoreError, match="SSL"):
+        store.ping()
+    store.close()

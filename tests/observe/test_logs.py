@@ -9,7 +9,8 @@ import pytest
 
 from llmproxy.observe.logs import JSONFormatter, TextFormatter, scrub
 
-SECRETS = ["sk-proj-abcdef1234567890", "sk-ant-api03-abcdefgh12345678", "AIzaSyA1234567890abcdef"]
+SECRETS = ["sk-proj-abcdef1234567890", "sk-ant-api03-abcdefgh12345678", "AIzaSyA1234567890abcdef",
+           "llmp-AbC_dEf-0123456789abcdefghijklmnopqrstuvw"]
 
 
 @pytest.mark.parametrize(
