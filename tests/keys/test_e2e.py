@@ -296,11 +296,15 @@ def test_a_keys_own_limits_are_enforced(start_proxy: ProxyFactory, db_url: str,
 def test_mode_keys_requires_a_proxy_key(start_proxy: ProxyFactory, fake_upstream: FakeUpstream,
                                         db_url: str, store: KeyStore) -> None:
     strict = start_proxy(config=auth_config(db_url, mode="keys"), env=SERVER_KEYS)
-    with pytest.raises(openai.AuthenticationError) as err:
-        openai_client(strict.url, new_request_id(), api_key="sk-client-own").models.list()
+    # Closed when done: an idle keep-alive connection would hold a worker's exit past the
+    # graceful timeout, and the worker's last batch of last-used times with it.
+    with openai_client(strict.url, new_request_id(), api_key="sk-client-own") as oa, \
+            pytest.raises(openai.AuthenticationError) as err:
+        oa.models.list()
     assert "proxy key is required" in refused_body(err.value)
-    with pytest.raises(anthropic.AuthenticationError):
-        anthropic_client(strict.url, new_request_id()).models.list()
+    with anthropic_client(strict.url, new_request_id()) as an, \
+            pytest.raises(anthropic.AuthenticationError):
+        an.models.list()
     assert assert_never_forwarded(fake_upstream, "sk-client-own") == []
     key, secret = new_key(store)
     assert call_status(strict.url, secret) == 200

@@ -21,7 +21,6 @@ from e2e.sdk import anthropic_client, gemini_client, openai_client
 from fake_upstream import FakeUpstream, error
 
 from llmproxy.keys.model import generate_secret
-from llmproxy.keys.store import KeyStore
 
 pytestmark = pytest.mark.e2e
 
@@ -36,18 +35,24 @@ ADMIN_TOKEN = "adm-" + random.token_urlsafe(24)
 class Run:
     """A proxy with everything switched on, and what came out of it."""
 
-    def __init__(self, proxy: ProxyProcess, store: KeyStore, db: Path, records: Path) -> None:
+    def __init__(self, proxy: ProxyProcess, db: Path, records: Path) -> None:
         self.proxy = proxy
-        self.store = store
         self.db = db
         self.records = records
         self.proxy_keys: list[str] = []
         self.responses: list[bytes] = []
 
-    def key(self, **fields: Any) -> str:
-        key, secret = self.store.create("scan", **fields)
-        self.proxy_keys.append(secret)
-        return secret
+    def admin(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        return requests.request(method, f"{self.proxy.url}/admin{path}", timeout=10,
+                                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, **kwargs)
+
+    def key(self, **fields: Any) -> tuple[str, str]:
+        """A new key through the admin API: (id, secret). The one response holding the
+        secret is the creation's, which is left out of the scan."""
+        created = self.admin("POST", "/keys", json={"name": "scan", **fields})
+        assert created.status_code == 201, created.text
+        self.proxy_keys.append(created.json()["key"])
+        return created.json()["id"], created.json()["key"]
 
     def keep(self, resp: requests.Response) -> requests.Response:
         self.responses.append(resp.content + str(resp.headers).encode())
@@ -60,24 +65,26 @@ def run(request: pytest.FixtureRequest, proxy_launcher: ProxyLauncher,
     tmp = tmp_path_factory.mktemp("secrets")
     db, records = tmp / "keys.db", tmp / "usage.jsonl"
     url = f"sqlite:///{db}"
-    store = KeyStore.from_url(url)
-    store.migrate()
     proxy = proxy_launcher(config={
         "auth": {"mode": "mixed", "database_url": url, "key_cache_seconds": 1},
         "usage_records": {"enabled": True, "path": str(records)},
         "features": {"rate_limiting": {"enabled": True, "backend": "memory"}},
     }, env={**PROVIDER_KEYS, "LLMPROXY_ADMIN_TOKEN": ADMIN_TOKEN, "LOG_LEVEL": "debug",
             "LOG_FORMAT": request.param, "GUNICORN_LOG_LEVEL": "debug"})
-    yield Run(proxy, store, db, records)
-    store.close()
+    yield Run(proxy, db, records)
 
 
 def test_no_secret_in_any_output(run: Run, fake_upstream: FakeUpstream) -> None:
     url = run.proxy.url
-    good = run.key(user="alice", team="ml", limits={"requests_per_minute": 1000})
-    narrow = run.key(models=["gpt-*"])
-    revoked = run.key()
-    run.store.revoke(run.store.list()[-1].id)
+    _, good = run.key(user="alice", team="ml", limits={"requests_per_minute": 1000})
+    _, narrow = run.key(models=["gpt-*"])
+    revoked_id, revoked = run.key()
+    assert run.keep(run.admin("DELETE", f"/keys/{revoked_id}")).json()["revoked"] is True
+    run.keep(run.admin("GET", "/keys"))
+    run.keep(run.admin("GET", f"/keys/{revoked_id}"))
+    run.keep(run.admin("PATCH", f"/keys/{revoked_id}", json={"team": "gone"}))
+    run.keep(requests.get(f"{url}/admin/keys", headers={"Authorization": "Bearer wrong"},
+                          timeout=10))
     unknown = generate_secret()
     run.proxy_keys += [unknown, "llmp-" + random.token_urlsafe(8)]
 
