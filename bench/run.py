@@ -554,14 +554,12 @@ def scenario_a(r: Runner, proxy: Proxy, ref: Proxy | None = None) -> dict[str, A
     return out
 
 
-def _throughput(r: Runner, proxy: Proxy, headers: dict[str, str] | None = None
-                ) -> tuple[WrkResult, dict[str, float]]:
+def _throughput(r: Runner, proxy: Proxy) -> tuple[WrkResult, dict[str, float]]:
     p = r.plan
     path = "/openai" + CHAT_PATH
-    headers = {**HEADERS, **(headers or {})}
-    r.run_wrk(proxy.port, path, p.b_connections, p.warmup_seconds, r.pin.harness, headers)
+    r.run_wrk(proxy.port, path, p.b_connections, p.warmup_seconds, r.pin.harness, HEADERS)
     c0, f0, t0 = proxy.cpu(), cpu_seconds(r.fake.pid), time.perf_counter()
-    res = r.run_wrk(proxy.port, path, p.b_connections, p.b_seconds, r.pin.harness, headers)
+    res = r.run_wrk(proxy.port, path, p.b_connections, p.b_seconds, r.pin.harness, HEADERS)
     c1, f1, t1 = proxy.cpu(), cpu_seconds(r.fake.pid), time.perf_counter()
     cpu = c1 - c0
     return res, {
@@ -764,39 +762,73 @@ def _keys_denies_unknown(proxy: Proxy) -> bool:
     return status == 401
 
 
+def _slice(r: Runner, proxy: Proxy, headers: dict[str, str], seconds: float
+           ) -> tuple[WrkResult, float]:
+    """One measured wrk run at B's concurrency: the result and CPU seconds per 1,000."""
+    c0 = proxy.cpu()
+    res = r.run_wrk(proxy.port, "/openai" + CHAT_PATH, r.plan.b_connections, seconds,
+                    r.pin.harness, headers)
+    cpu = proxy.cpu() - c0
+    return res, (cpu / res.requests * 1000 if res.requests else 0.0)
+
+
 def scenario_f(r: Runner) -> dict[str, Any]:
-    """B with proxy keys (auth.mode keys, SQLite, the key cached after its first call),
-    against pass-through measured right before and right after, as in E."""
+    """B with proxy keys (auth.mode keys, SQLite, the key cached after its first call)
+    against pass-through. Both proxies run side by side and are measured in alternating
+    slices (the median of each), so that other load on the machine hits both alike."""
     url = f"sqlite:///{r.workdir / 'keys.db'}"
     try:
         secret = _create_proxy_key(r, url)
     except HarnessError as exc:
         return {"available": False, "reason": str(exc)}
-    config = {"auth": {"mode": "keys", "database_url": url}}
-    runs: dict[str, list[tuple[WrkResult, dict[str, Any]]]] = {"passthrough": [], "keys": []}
-    verified = True
-    for mode in ("passthrough", "keys", "passthrough"):
-        proxy = r.proxy(config if mode == "keys" else None, SERVER_KEYS)
-        try:
-            headers = {"Authorization": f"Bearer {secret}"} if mode == "keys" else None
-            runs[mode].append(_throughput(r, proxy, headers))
-            if mode == "keys":
-                verified = _keys_denies_unknown(proxy)
-        finally:
-            proxy.stop()
-    base_cpu = sum(x[1]["proxy_cpu_s_per_1000"] for x in runs["passthrough"]) / 2
-    base_rps = sum(x[0].rps for x in runs["passthrough"]) / 2
-    res, extra = runs["keys"][0]
-    cpu_cost = 1.0 - base_cpu / extra["proxy_cpu_s_per_1000"] if extra["proxy_cpu_s_per_1000"] \
-        else None
+    p = r.plan
+    plain = {**HEADERS, "Authorization": "Bearer sk-bench"}
+    keyed = {**HEADERS, "Authorization": f"Bearer {secret}"}
+    base = r.proxy(None, SERVER_KEYS)
+    keys = r.proxy({"auth": {"mode": "keys", "database_url": url}}, SERVER_KEYS)
+    try:
+        for proxy, headers in ((base, plain), (keys, keyed)):
+            r.run_wrk(proxy.port, "/openai" + CHAT_PATH, p.b_connections, p.warmup_seconds,
+                      r.pin.harness, headers)
+        slices = 1 if p.smoke else 8
+        seconds = max(1.0, p.b_seconds / 2)
+        runs: dict[str, list[tuple[WrkResult, float]]] = {"passthrough": [], "keys": []}
+        for n in range(slices):
+            order = [("passthrough", base, plain), ("keys", keys, keyed)]
+            for mode, proxy, headers in order if n % 2 == 0 else order[::-1]:
+                runs[mode].append(_slice(r, proxy, headers, seconds))
+        verified = _keys_denies_unknown(keys)
+    finally:
+        base.stop()
+        keys.stop()
+
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+    summary = {}
+    for mode, got in runs.items():
+        summary[mode] = {"rps": round(median([w.rps for w, _ in got]), 1),
+                         "p99_ms": round(median([w.p99_ms for w, _ in got]), 2),
+                         "errors": sum(w.errors for w, _ in got),
+                         "requests": sum(w.requests for w, _ in got),
+                         "proxy_cpu_s_per_1000": round(median([c for _, c in got]), 3),
+                         "slices_cpu_s_per_1000": [round(c, 3) for _, c in got]}
+    summary["keys"]["keys_verified"] = verified
+    base_cpu = summary["passthrough"]["proxy_cpu_s_per_1000"]
+    keys_cpu = summary["keys"]["proxy_cpu_s_per_1000"]
+    # Per pair of neighbouring slices too: the spread says how far to trust the median.
+    paired = [1.0 - b / k for (_, b), (_, k) in zip(runs["passthrough"], runs["keys"],
+                                                    strict=True) if k]
+    cpu_cost = 1.0 - base_cpu / keys_cpu if keys_cpu else None
     return {
-        "available": True,
-        "baseline": {"rps": round(base_rps, 1), "proxy_cpu_s_per_1000": round(base_cpu, 3),
-                     "runs": [w.as_dict() | e for w, e in runs["passthrough"]]},
-        "keys": {**res.as_dict(), **extra, "keys_verified": verified},
-        "cost_vs_b": round(1.0 - res.rps / base_rps, 3) if base_rps else None,
+        "available": True, "slice_seconds": seconds, "baseline": summary["passthrough"],
+        "keys": summary["keys"],
         "cpu_cost_vs_b": round(cpu_cost, 3) if cpu_cost is not None else None,
-        "pass": cpu_cost is not None and cpu_cost <= 0.10 and res.errors == 0 and verified,
+        "paired_cpu_costs": [round(x, 3) for x in paired],
+        "pass": cpu_cost is not None and cpu_cost <= 0.10 and summary["keys"]["errors"] == 0
+        and verified,
     }
 
 
@@ -919,21 +951,20 @@ def render(results: dict[str, Any]) -> str:
     if "F" in s:
         f = s["F"]
         add("")
-        add(f"F. Proxy keys on (auth.mode keys) — scenario B   [{TARGETS['F']}]")
+        add(f"F. Proxy keys on (auth.mode keys) — scenario B, alternating slices   "
+            f"[{TARGETS['F']}]")
         if not f.get("available"):
             add(f"  not available: {f.get('reason')}")
         else:
-            base, k = f["baseline"], f["keys"]
-
-            def pct(x: float | None) -> str:
-                return _f(None if x is None else x * 100, 1)
-
-            add(f"  pass-through (before and after) {base['rps']:>8,.0f} req/s  "
-                f"{base['proxy_cpu_s_per_1000']:.3f} s CPU / 1,000")
-            add(f"  proxy keys   {k['rps']:>8,.0f} req/s  p99 {k['p99_ms']:.2f} ms  "
-                f"{k['proxy_cpu_s_per_1000']:.3f} s CPU / 1,000  cost vs B "
-                f"{pct(f['cost_vs_b'])} % (by CPU per request {pct(f['cpu_cost_vs_b'])} %)"
-                f"  keys verified {_f(k['keys_verified'])}  [{_verdict(f.get('pass'))}]")
+            for label, row in (("pass-through", f["baseline"]), ("proxy keys", f["keys"])):
+                add(f"  {label:13}{row['rps']:>8,.0f} req/s  p99 {row['p99_ms']:.2f} ms  "
+                    f"{row['proxy_cpu_s_per_1000']:.3f} s CPU / 1,000 (median of "
+                    f"{len(row['slices_cpu_s_per_1000'])} slices)")
+            cost = f["cpu_cost_vs_b"]
+            paired = ", ".join(f"{x * 100:.1f}" for x in f["paired_cpu_costs"])
+            add(f"  cost by CPU per request {_f(None if cost is None else cost * 100, 1)} % "
+                f"(slice pairs: {paired} %)  keys verified {_f(f['keys']['keys_verified'])}  "
+                f"[{_verdict(f.get('pass'))}]")
     return "\n".join(lines)
 
 
@@ -994,7 +1025,8 @@ def check_smoke(results: dict[str, Any]) -> list[str]:
             problems.append(f"E {backend}: {row}")
     f = s.get("F")
     if f is not None and (not f.get("available") or f["keys"]["requests"] == 0
-                          or f["keys"]["errors"] or not f["keys"]["keys_verified"]):
+                          or f["keys"]["errors"] or f["baseline"]["errors"]
+                          or not f["keys"]["keys_verified"]):
         problems.append(f"F: {f.get('keys', f)}")
     return problems
 
