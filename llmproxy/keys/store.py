@@ -177,6 +177,7 @@ class KeyStore:
         self.engine = engine
         self._password = password
         self._migrated = False
+        self._schema_error: str | None = None
         self._migrate_lock = threading.Lock()
 
     @classmethod
@@ -249,8 +250,20 @@ class KeyStore:
                 yield conn
 
     def _ensure_schema(self) -> None:
+        if self._migrated:
+            return
+        if self._migrate_lock.acquire(blocking=False):
+            try:
+                self._migrate()
+            finally:
+                self._migrate_lock.release()
+            return
+        # Another greenlet is migrating: share its outcome instead of queueing one more
+        # attempt behind it (each could wait out the timeout while the database is down).
+        with self._migrate_lock:
+            pass
         if not self._migrated:
-            self.migrate()
+            raise KeyStoreError(self._schema_error or "key database schema not ready")
 
     # -- schema ----------------------------------------------------------------------------
 
@@ -259,7 +272,20 @@ class KeyStore:
 
         Returns the schema version. Refuses a database newer than this code.
         """
-        with self._migrate_lock, self._errors(), self.engine.connect() as conn:
+        with self._migrate_lock:
+            return self._migrate()
+
+    def _migrate(self) -> int:
+        try:
+            version = self._apply_migrations()
+        except KeyStoreError as exc:
+            self._schema_error = str(exc)
+            raise
+        self._migrated = True
+        return version
+
+    def _apply_migrations(self) -> int:
+        with self._errors(), self.engine.connect() as conn:
             conn = conn.execution_options(llmproxy_write=True)
             with conn.begin():
                 if self.backend == "postgresql":
@@ -277,7 +303,6 @@ class KeyStore:
                         conn.execute(schema.schema_version.insert().values(
                             version=version, applied_at=utcnow()))
                         log.info("key database migrated to schema version %d", version)
-            self._migrated = True
             return max(current, schema.LATEST)
 
     # -- keys ------------------------------------------------------------------------------

@@ -288,3 +288,67 @@ def test_tls_required_against_a_server_without_tls_fails_cleanly(postgres: Postg
     with pytest.raises(KeyStoreError, match="SSL"):
         store.ping()
     store.close()
+
+
+class _CountingLock:
+    """A lock that tells (through ``waiters``) each time someone starts a blocking acquire."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.waiters = threading.Semaphore(0)
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if blocking:
+            self.waiters.release()
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def test_callers_waiting_on_a_failing_migration_share_its_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the database is down, one attempt at a time: the others get its error."""
+    store = KeyStore.from_url(f"sqlite:///{tmp_path / 'keys.db'}")
+    lock = _CountingLock()
+    store._migrate_lock = lock  # type: ignore[assignment]
+    entered, release = threading.Event(), threading.Event()
+    attempts: list[int] = []
+
+    def failing_migration() -> int:
+        attempts.append(1)
+        entered.set()
+        release.wait(10)
+        raise KeyStoreError("key database error (OperationalError: down)")
+
+    monkeypatch.setattr(store, "_apply_migrations", failing_migration)
+    errors: list[str] = []
+
+    def lookup() -> None:
+        try:
+            store.lookup("0" * 64)
+        except KeyStoreError as exc:
+            errors.append(str(exc))
+
+    first = threading.Thread(target=lookup)
+    first.start()
+    assert entered.wait(10)  # the first caller is inside the migration
+    others = [threading.Thread(target=lookup) for _ in range(5)]
+    for t in others:
+        t.start()
+    for _ in others:  # every other caller is waiting for the first one's outcome
+        assert lock.waiters.acquire(timeout=10)
+    release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert len(attempts) == 1
+    assert errors == ["key database error (OperationalError: down)"] * 6
+    monkeypatch.undo()
+    assert store.lookup("0" * 64) is None  # the next call tries again, and succeeds
+    store.close()
