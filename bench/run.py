@@ -1,6 +1,6 @@
 """llmproxy benchmark suite: each scenario straight to a fake upstream, then through the proxy.
 
-Usage: ``python bench/run.py [--smoke] [--scenarios A,B,C,D,E,F] [--streams 100,500,1000,2000]``
+Usage: ``python bench/run.py [--smoke] [--scenarios A,B,C,D,E,F,G] [--streams 100,500,1000,2000]``
 (``make bench`` / ``make bench-smoke``). Prints a table and writes ``bench/results/<ts>.json``.
 See docs/benchmarks.md for what each scenario measures and how processes are pinned.
 """
@@ -50,7 +50,8 @@ TARGETS = {
     "C": "N=1000: all chunks delivered, added gap p99 <= 10 ms, RSS <= 150 MB",
     "D": "peak RSS grows < 10 MB for a 50 MB upload",
     "E": "cost <= 15 % of B (memory), <= 30 % (redis)",
-    "F": "OpenTelemetry on: CPU per request <= x1.10 telemetry off (issue 13's aim)",
+    "F": "OpenTelemetry on: CPU per request <= x1.10 telemetry off",
+    "G": "proxy keys on: cost <= 10 % of B (pass-through) by CPU per request",
 }
 
 
@@ -272,8 +273,8 @@ class Proxy:
             "LLMPROXY_OPENAI_BASE_URL": upstream.base,
             "LLMPROXY_ANTHROPIC_BASE_URL": upstream.base,
             "LLMPROXY_GEMINI_BASE_URL": upstream.base,
-            **(extra_env or {}),
         })
+        env.update(extra_env or {})
         if config is not None:
             cfg = logdir / f"config-{self.port}.yml"
             # JSON is YAML: no YAML writer needed.
@@ -862,6 +863,101 @@ def scenario_f(r: Runner) -> dict[str, Any]:
     return {"rounds": rounds, "seconds": seconds, "connections_each": connections, **rows}
 
 
+# The providers' own keys the proxy holds in scenario G (the fake upstream ignores them).
+SERVER_KEYS = {f"{name}_API_KEY": "sk-bench-server"
+               for name in ("OPENAI", "ANTHROPIC", "GEMINI", "GROQ")}
+# Creates one proxy key in the database named by argv[1] and prints its secret: run by the
+# checkout under test, with its own llmproxy.
+_CREATE_KEY = ("import sys; from llmproxy.keys.store import KeyStore; "
+               "s = KeyStore.from_url(sys.argv[1]); s.migrate(); "
+               "print(s.create('bench', user='bench-user', team='bench')[1])")
+
+
+def _create_proxy_key(r: Runner, url: str) -> str:
+    out = subprocess.run([sys.executable, "-c", _CREATE_KEY, url], cwd=r.proxy_dir,
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise HarnessError(f"cannot create a proxy key: {out.stderr.strip()[-300:]}")
+    return out.stdout.strip()
+
+
+def _keys_denies_unknown(proxy: Proxy) -> bool:
+    """A well-formed key nobody issued is refused: the check is really on."""
+    status, _ = http_post(proxy.port, "/openai" + CHAT_PATH, json.dumps(CHAT_BODY).encode(),
+                          {"Authorization": "Bearer llmp-" + "0" * 43})
+    return status == 401
+
+
+def _slice(r: Runner, proxy: Proxy, headers: dict[str, str], seconds: float
+           ) -> tuple[WrkResult, float]:
+    """One measured wrk run at B's concurrency: the result and CPU seconds per 1,000."""
+    c0 = proxy.cpu()
+    res = r.run_wrk(proxy.port, "/openai" + CHAT_PATH, r.plan.b_connections, seconds,
+                    r.pin.harness, headers)
+    cpu = proxy.cpu() - c0
+    return res, (cpu / res.requests * 1000 if res.requests else 0.0)
+
+
+def scenario_g(r: Runner) -> dict[str, Any]:
+    """B with proxy keys (auth.mode keys, SQLite, the key cached after its first call)
+    against pass-through. Both proxies run side by side and are measured in alternating
+    slices (the median of each), so that other load on the machine hits both alike."""
+    url = f"sqlite:///{r.workdir / 'keys.db'}"
+    try:
+        secret = _create_proxy_key(r, url)
+    except HarnessError as exc:
+        return {"available": False, "reason": str(exc)}
+    p = r.plan
+    plain = {**HEADERS, "Authorization": "Bearer sk-bench"}
+    keyed = {**HEADERS, "Authorization": f"Bearer {secret}"}
+    base = r.proxy(None, SERVER_KEYS)
+    keys = r.proxy({"auth": {"mode": "keys", "database_url": url}}, SERVER_KEYS)
+    try:
+        for proxy, headers in ((base, plain), (keys, keyed)):
+            r.run_wrk(proxy.port, "/openai" + CHAT_PATH, p.b_connections, p.warmup_seconds,
+                      r.pin.harness, headers)
+        slices = 1 if p.smoke else 8
+        seconds = max(1.0, p.b_seconds / 2)
+        runs: dict[str, list[tuple[WrkResult, float]]] = {"passthrough": [], "keys": []}
+        for n in range(slices):
+            order = [("passthrough", base, plain), ("keys", keys, keyed)]
+            for mode, proxy, headers in order if n % 2 == 0 else order[::-1]:
+                runs[mode].append(_slice(r, proxy, headers, seconds))
+        verified = _keys_denies_unknown(keys)
+    finally:
+        base.stop()
+        keys.stop()
+
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+    summary = {}
+    for mode, got in runs.items():
+        summary[mode] = {"rps": round(median([w.rps for w, _ in got]), 1),
+                         "p99_ms": round(median([w.p99_ms for w, _ in got]), 2),
+                         "errors": sum(w.errors for w, _ in got),
+                         "requests": sum(w.requests for w, _ in got),
+                         "proxy_cpu_s_per_1000": round(median([c for _, c in got]), 3),
+                         "slices_cpu_s_per_1000": [round(c, 3) for _, c in got]}
+    summary["keys"]["keys_verified"] = verified
+    base_cpu = summary["passthrough"]["proxy_cpu_s_per_1000"]
+    keys_cpu = summary["keys"]["proxy_cpu_s_per_1000"]
+    # Per pair of neighbouring slices too: the spread says how far to trust the median.
+    paired = [1.0 - b / k for (_, b), (_, k) in zip(runs["passthrough"], runs["keys"],
+                                                    strict=True) if k]
+    cpu_cost = 1.0 - base_cpu / keys_cpu if keys_cpu else None
+    return {
+        "available": True, "slice_seconds": seconds, "baseline": summary["passthrough"],
+        "keys": summary["keys"],
+        "cpu_cost_vs_b": round(cpu_cost, 3) if cpu_cost is not None else None,
+        "paired_cpu_costs": [round(x, 3) for x in paired],
+        "pass": cpu_cost is not None and cpu_cost <= 0.10 and summary["keys"]["errors"] == 0
+        and verified,
+    }
+
+
 # --- report ---------------------------------------------------------------------------------
 
 def _f(x: Any, nd: int = 2) -> str:
@@ -1003,6 +1099,23 @@ def render(results: dict[str, Any]) -> str:
                 line += (f"; sink got {sink['spans']:,} spans in {sink['trace_exports']} "
                          f"exports  [{_verdict(row.get('pass'))}]")
             add(line)
+    if "G" in s:
+        f = s["G"]
+        add("")
+        add(f"G. Proxy keys on (auth.mode keys) — scenario B, alternating slices   "
+            f"[{TARGETS['G']}]")
+        if not f.get("available"):
+            add(f"  not available: {f.get('reason')}")
+        else:
+            for label, row in (("pass-through", f["baseline"]), ("proxy keys", f["keys"])):
+                add(f"  {label:13}{row['rps']:>8,.0f} req/s  p99 {row['p99_ms']:.2f} ms  "
+                    f"{row['proxy_cpu_s_per_1000']:.3f} s CPU / 1,000 (median of "
+                    f"{len(row['slices_cpu_s_per_1000'])} slices)")
+            cost = f["cpu_cost_vs_b"]
+            paired = ", ".join(f"{x * 100:.1f}" for x in f["paired_cpu_costs"])
+            add(f"  cost by CPU per request {_f(None if cost is None else cost * 100, 1)} % "
+                f"(slice pairs: {paired} %)  keys verified {_f(f['keys']['keys_verified'])}  "
+                f"[{_verdict(f.get('pass'))}]")
     return "\n".join(lines)
 
 
@@ -1070,12 +1183,17 @@ def check_smoke(results: dict[str, Any]) -> list[str]:
         if not row.get("available") or row["requests"] == 0 or row["errors"] \
                 or spans < row["requests"]:
             problems.append(f"F {key}: {row}")
+    g = s.get("G")
+    if g is not None and (not g.get("available") or g["keys"]["requests"] == 0
+                          or g["keys"]["errors"] or g["baseline"]["errors"]
+                          or not g["keys"]["keys_verified"]):
+        problems.append(f"G: {g.get('keys', g)}")
     return problems
 
 
 def run(args: argparse.Namespace) -> int:
     scenarios = [x.strip().upper() for x in args.scenarios.split(",") if x.strip()]
-    unknown = set(scenarios) - set("ABCDEF")
+    unknown = set(scenarios) - set("ABCDEFG")
     if unknown:
         raise SystemExit(f"unknown scenarios: {','.join(sorted(unknown))}")
     streams = [int(x) for x in args.streams.split(",")] if args.streams else None
@@ -1142,6 +1260,8 @@ def run(args: argparse.Namespace) -> int:
                 s["E"] = scenario_e(r)
             if "F" in scenarios:
                 s["F"] = scenario_f(r)
+            if "G" in scenarios:
+                s["G"] = scenario_g(r)
         finally:
             fake.stop()
     results["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -1166,7 +1286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true",
                     help="a few seconds with tiny counts: proves the harness works")
-    ap.add_argument("--scenarios", default="A,B,C,D,E,F", help="comma-separated subset of A-F")
+    ap.add_argument("--scenarios", default="A,B,C,D,E,F,G",
+                    help="comma-separated subset of A-G")
     ap.add_argument("--streams", default="", help="scenario C stream counts, e.g. 100,500,1000")
     ap.add_argument("--proxy-dir", default="",
                     help="start the proxy from this checkout instead (to compare a change)")

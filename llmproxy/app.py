@@ -49,7 +49,8 @@ def build_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     app.url_map.strict_slashes = False
     logs.configure(settings.logging.level, settings.logging.format)
 
-    providers = {name: Provider(name, ps.base_url, DIALECTS[ps.dialect])
+    providers = {name: Provider(name, ps.base_url, DIALECTS[ps.dialect],
+                                ps.api_key.reveal() if ps.api_key else None)
                  for name, ps in settings.providers.items()}
     up = settings.upstream
     state = ProxyState(settings=settings, providers=providers,
@@ -97,6 +98,11 @@ def build_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     health.init_app(app, tracker)
 
     _init_keys(app, state)
+    if state.key_store is not None and settings.auth.mode != "passthrough":
+        from .keys.guard import open_guard  # proxy keys, checked by inbound.prepare
+
+        state.keys = open_guard(state.key_store, settings,
+                                metrics.record_key_refusal if counting else None)
     for name, provider in providers.items():
         bp = provider.blueprint(relay.proxy_view)
         app.register_blueprint(bp, url_prefix=f"/{name}")

@@ -143,11 +143,39 @@ class UpstreamSettings:
     health_window_seconds: float
 
 
+class Secret:
+    """A credential read from the environment or a file: its repr and str never show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderSettings:
     name: str
     base_url: str  # no trailing slash
     dialect: str
+    # Where the provider's own key comes from (for calls made with a proxy key), and the key,
+    # read at start-up when auth.mode is keys or mixed.
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    api_key: Secret | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,7 +400,46 @@ def _str(value: Any, key: str) -> str:
 # ----------------------------------------------------------------------- section parsers
 
 
-def _provider(name: Any, spec: Any) -> ProviderSettings:
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _provider_key(key: str, spec: Mapping[str, Any], environ: Mapping[str, str],
+                  required: bool) -> tuple[str | None, str | None, Secret | None]:
+    """``api_key_env`` / ``api_key_file`` and, when ``required``, the key they name (the
+    file's, when both are set).
+
+    Errors name the variable or file, never the value.
+    """
+    env_name, file_name = spec.get("api_key_env"), spec.get("api_key_file")
+    if env_name is not None and (not isinstance(env_name, str)
+                                 or not _ENV_NAME_RE.match(env_name)):
+        raise ConfigError(f"{key}.api_key_env", "must be an environment variable name")
+    if file_name is not None and (not isinstance(file_name, str) or not file_name):
+        raise ConfigError(f"{key}.api_key_file", "must be a file path")
+    if not required or not (env_name or file_name):
+        return env_name, file_name, None
+    if not file_name:  # a file, when given, wins: overlays add one over base.yml's variable
+        value, where = environ.get(str(env_name), "").strip(), f"{key}.api_key_env"
+        if not value:
+            raise ConfigError(where, f"environment variable {env_name} is not set or empty "
+                                     f"(auth.mode needs it; set {where}: null for no key)")
+    else:
+        where = f"{key}.api_key_file"
+        try:
+            value = Path(file_name).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(where, f"cannot read {file_name} ({reason})") from None
+        if not value:
+            raise ConfigError(where, f"{file_name} is empty")
+    # A key that would break the header it is sent in: say so without echoing it.
+    if any(ord(c) < 0x21 or ord(c) == 0x7f for c in value):
+        raise ConfigError(where, "the key contains whitespace or control characters")
+    return env_name, file_name, Secret(value)
+
+
+def _provider(name: Any, spec: Any, environ: Mapping[str, str] | None = None,
+              key_required: bool = False) -> ProviderSettings:
     key = f"providers.{name}"
     if not isinstance(name, str) or not _NAME_RE.match(name) or name in _RESERVED_NAMES \
             or name.endswith("_meta"):  # "<name>_meta" is the blueprint of /meta/<user>/<name>
@@ -392,15 +459,20 @@ def _provider(name: Any, spec: Any) -> ProviderSettings:
     dialect = str(spec.get("dialect", "openai"))
     if dialect not in DIALECTS:
         raise ConfigError(f"{key}.dialect", f"must be one of {', '.join(DIALECTS)}")
-    return ProviderSettings(name, url.rstrip("/"), dialect)
+    _no_unknown(spec, key, ("base_url", "dialect", "api_key_env", "api_key_file"))
+    env_name, file_name, secret = _provider_key(key, spec, environ or {}, key_required)
+    return ProviderSettings(name, url.rstrip("/"), dialect, env_name, file_name, secret)
 
 
-def parse_providers(raw: Mapping[str, Any]) -> dict[str, ProviderSettings]:
+def parse_providers(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+                    keys_required: bool = False) -> dict[str, ProviderSettings]:
+    """``providers``; their own keys are read only when ``keys_required`` (auth.mode keys or
+    mixed), so a pass-through proxy needs none of them."""
     providers = {}
     for name, spec in _section(raw, "providers").items():
         if spec is None:  # an overlay may switch a provider off with `name: null`
             continue
-        providers[name] = _provider(name, spec)
+        providers[name] = _provider(name, spec, environ, keys_required)
     if not providers:
         raise ConfigError("providers", "at least one provider is required")
     return providers
@@ -960,11 +1032,18 @@ def parse_telemetry(raw_section: Any, environ: Mapping[str, str]) -> TelemetrySe
         propagate_except=frozenset(except_))
 
 
-def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
-    """Validate ``raw`` (the merged YAML); raises :class:`ConfigError` naming the first bad key."""
+def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None, *,
+                   provider_keys: bool = True) -> Settings:
+    """Validate ``raw`` (the merged YAML); raises :class:`ConfigError` naming the first bad key.
+
+    ``provider_keys=False`` leaves the providers' own keys unread, for tools that never call
+    a provider (the ``keys`` CLI), so they run where those keys are not.
+    """
     env = os.environ if environ is None else environ
+    auth = parse_auth(raw, env)
     return Settings(
-        providers=parse_providers(raw),
+        providers=parse_providers(raw, env, keys_required=provider_keys
+                                  and auth.mode != "passthrough"),
         server=parse_server(raw),
         upstream=parse_upstream(raw),
         cors=parse_cors(raw),
@@ -974,11 +1053,12 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         pricing=parse_pricing(raw),
         ratelimit=parse_ratelimit(raw, env),
         telemetry=parse_telemetry(raw.get("telemetry"), env),
-        auth=parse_auth(raw, env),
+        auth=auth,
     )
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None,
-                  environ: Mapping[str, str] | None = None) -> Settings:
+                  environ: Mapping[str, str] | None = None, *,
+                  provider_keys: bool = True) -> Settings:
     """What the app runs with: the YAML files, ``overrides`` and the environment, validated."""
-    return build_settings(load_raw(overrides, environ), environ)
+    return build_settings(load_raw(overrides, environ), environ, provider_keys=provider_keys)

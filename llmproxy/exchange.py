@@ -53,6 +53,9 @@ class ErrorKind(_Word):
     RATE_LIMITED = "rate_limited"  # refused by a rate limit (429)
     RATELIMIT_UNAVAILABLE = "ratelimit_unavailable"  # the limiter's store failed, on_error: closed
     CREDENTIAL_CONFLICT = "credential_conflict"  # two different credentials for one provider
+    UNAUTHENTICATED = "unauthenticated"  # no proxy key where one is required, or a bad one
+    FORBIDDEN = "forbidden"  # the proxy key does not allow this provider or model
+    KEY_STORE_UNAVAILABLE = "key_store_unavailable"  # a proxy key could not be checked
 
 
 FinishListener = Callable[["Exchange"], None]
@@ -121,6 +124,10 @@ class Exchange:
     user_source: str | None = None
     api_key: str | None = None  # raw credential: never log, never store
     key_fingerprint: str | None = None
+    key_id: str | None = None  # the proxy key's id, when the call was made with one
+    team: str | None = None  # the proxy key's team
+    # the proxy key's own rate limits, (name, value) pairs over the limiter's per-key ones
+    key_limits: tuple[tuple[str, int], ...] = ()
     client_ip: str | None = None
     streaming: bool = False
     started: float = field(default_factory=time.monotonic)

@@ -23,6 +23,7 @@ from . import identity
 from .errors import error_response
 from .exchange import ErrorKind, Exchange, Outcome
 from .inflight import BodyTimeout
+from .keys.credentials import forward_target
 from .observe.telemetry import EXTENSION_KEY as TELEMETRY_KEY
 from .state import get_state
 from .upstream import request_headers
@@ -98,8 +99,15 @@ def prepare() -> Response | None:
         ex.error_kind = ErrorKind.CREDENTIAL_CONFLICT
         return error_response(dialect, 400, "The request carries two different credentials; "
                               "send one.", request_id=rid)
+    query = request.query_string.decode("latin-1")
     if ex.api_key:
         ex.key_fingerprint = identity.fingerprint(ex.api_key)
+    keys = state.keys  # set for auth.mode keys|mixed: proxy keys (llmproxy/keys/guard.py)
+    proxy_key = keys.authenticate(ex, dialect, headers, query) if keys is not None else None
+    if isinstance(proxy_key, Response):
+        return proxy_key
+    if proxy_key is not None:  # forwarded without it: the relay adds the provider's own key
+        rest = forward_target(rest, dialect.credential_params)
     ex.client_ip = identity.client_ip(request.remote_addr, headers.get("X-Forwarded-For"),
                                       state.settings.server.trusted_proxies)
     url = provider.upstream_url(rest)
@@ -173,6 +181,10 @@ def prepare() -> Response | None:
     ex.user, ex.user_source = identity.resolve_user(path_user, headers, info.user, query,
                                                      ex.client_ip, ex.key_fingerprint,
                                                      settings.user_sources)
+    if proxy_key is not None and keys is not None:
+        refused = keys.authorize(ex, proxy_key)
+        if refused is not None:
+            return refused
     g.exchange = ex
     g.upstream_url = url
     g.upstream_headers = forwarded

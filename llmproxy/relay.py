@@ -24,6 +24,7 @@ from . import identity
 from .errors import error_response
 from .exchange import ErrorKind, Exchange, Outcome
 from .inflight import Call
+from .keys.credentials import forward_headers
 from .observe.telemetry import EXTENSION_KEY as TELEMETRY_KEY
 from .providers import Provider
 from .state import ProxyState, get_state
@@ -62,6 +63,8 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
         body = BodyStream(request.stream, None, state.settings.server.max_body_bytes, call,
                           g.get("body_head", b""))
     headers: dict[str, str] = g.upstream_headers  # the ones the credential was read from
+    if ex.key_id is not None:  # a proxy-key call: the provider's own key replaces it
+        headers = forward_headers(headers, provider.credential)
     for name in headers:
         if name.lower() == "accept-encoding":  # only what the usage reader can decode
             headers[name] = readable_accept_encoding(headers[name])

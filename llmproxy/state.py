@@ -15,6 +15,7 @@ from .providers import Provider
 from .upstream import Upstream
 
 if TYPE_CHECKING:  # the store's module loads SQLAlchemy: only when keys are in use
+    from .keys.guard import KeyGuard
     from .keys.store import KeyStore
 
 EXTENSION_KEY = "llmproxy"
@@ -33,6 +34,8 @@ class ProxyState:
     other_listeners: list[FinishListener] = field(default_factory=list)
     #: The proxy-key database, when auth.mode uses keys or the admin API is on.
     key_store: KeyStore | None = None
+    #: Proxy-key checks, with auth.mode keys or mixed; None for pass-through.
+    keys: KeyGuard | None = None
 
     def on_finish(self, listener: FinishListener) -> FinishListener:
         """Register a terminal-event listener for provider calls (usable as a decorator)."""

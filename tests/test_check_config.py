@@ -24,6 +24,7 @@ BAD_SECTIONS = {
     "usage_records": "usage_records: {backups: -1}",
     "pricing": "pricing: {openai: {models: {m: {input: cheap, output: 1}}}}",
     "features.rate_limiting": "features: {rate_limiting: {backend: memcached}}",
+    "telemetry": "telemetry: {protocol: carrier-pigeon}",
     "auth": "auth: {mode: open}",
 }
 

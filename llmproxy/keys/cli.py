@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     err = err or sys.stderr
     args = _parser().parse_args(argv)
     try:
-        settings = load_settings()
+        settings = load_settings(provider_keys=False)  # it never calls a provider
         store = KeyStore.from_url(settings.auth.database_url)
     except (ConfigError, KeyStoreError) as exc:
         err.write(f"llmproxy keys: {exc}\n")

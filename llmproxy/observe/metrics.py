@@ -75,6 +75,14 @@ RATELIMIT_EVICTIONS = Counter(
 RECORDS_DROPPED = Counter("llmproxy_usage_records_dropped",
                           "Usage records not written: queue_full, write_error, closed.",
                           ["reason"])
+KEY_REQUESTS = Counter("llmproxy_key_requests",
+                       "Finished requests made with a proxy key, by key id and team.",
+                       ["key_id", "team", "provider", "status_class"])
+KEY_TOKENS = Counter("llmproxy_key_tokens", "Tokens used through each proxy key, by kind.",
+                     ["key_id", "team", "kind"])
+KEY_REFUSALS = Counter("llmproxy_key_refusals",
+                       "Calls refused by the proxy-key check: missing, unknown, revoked, "
+                       "expired, forbidden, unavailable.", ["reason"])
 # liveall: one series per live worker (label pid); sum() them for the whole server.
 IN_FLIGHT = Gauge("llmproxy_in_flight_requests",
                   "Provider requests in progress in this worker.", multiprocess_mode="liveall")
@@ -97,6 +105,10 @@ def record_ratelimit_evictions(count: int) -> None:
 
 def record_dropped_usage_record(reason: str) -> None:
     RECORDS_DROPPED.labels(reason).inc()
+
+
+def record_key_refusal(reason: str) -> None:
+    _child(KEY_REFUSALS, reason).inc()
 
 
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -164,12 +176,18 @@ class Metrics:
             _child(DURATION, provider, model, streaming).observe(ex.duration)
         if ex.ttfb is not None:
             _child(TTFB, provider, model, streaming).observe(ex.ttfb)
+        # Proxy keys are issued by the operator, so their ids are a bounded label set.
+        key_id, team = ex.key_id, ex.team or ""
+        if key_id is not None:
+            _child(KEY_REQUESTS, key_id, team, provider, status_class).inc()
         dialect = DIALECTS.get(ex.dialect or "")
         if dialect is not None and not dialect.is_token_count(
                 ex.upstream_path.partition("?")[0].rstrip("/")):
             for kind, count in dialect.normalized_tokens(ex.meta.usage).items():
                 if count:
                     _child(TOKENS, provider, model, kind).inc(count)
+                    if key_id is not None and kind in ("input", "output"):
+                        _child(KEY_TOKENS, key_id, team, kind).inc(count)
         if cost is not None:
             _child(COST, provider, model).inc(cost)
         elif ex.status is not None and ex.status < 400:

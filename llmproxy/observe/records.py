@@ -89,6 +89,8 @@ def record_of(ex: Exchange) -> dict[str, Any]:
         "user": cut(ex.user),
         "user_source": ex.user_source,
         "key_fingerprint": ex.key_fingerprint,
+        "key_id": ex.key_id,
+        "team": ex.team,
         "request_bytes": ex.request_bytes,
         "response_bytes": ex.response_bytes,
         "upstream_request_id": cut(ex.meta.response_id),

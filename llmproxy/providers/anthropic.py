@@ -141,6 +141,9 @@ class Anthropic(Dialect):
     }
     default_error_type = "api_error"
 
+    def credential_header(self, key: str) -> tuple[str, str]:
+        return "x-api-key", key
+
     def _inspect(self, method: str, path: str, query: str, headers: HeadersLike,
                  body: bytes | None) -> RequestInfo:
         info = RequestInfo(streaming=accepts_event_stream(headers))

@@ -202,6 +202,10 @@ class Dialect:
     error_types: ClassVar[dict[int, str]] = {}
     default_error_type: ClassVar[str] = "api_error"
 
+    def credential_header(self, key: str) -> tuple[str, str]:
+        """The header (name, value) in which this provider expects its own API key."""
+        return "Authorization", f"Bearer {key}"
+
     def inspect(self, method: str, path: str, query: str, headers: HeadersLike,
                 body: bytes | None) -> RequestInfo:
         """Model, streaming, user and prompt size; ``body`` is None when not inspected."""
@@ -258,10 +262,14 @@ class Dialect:
 class Provider:
     """A provider route: ``/<name>/<rest>`` forwarded to ``<base_url><rest>``."""
 
-    def __init__(self, name: str, base_url: str, dialect: Dialect) -> None:
+    def __init__(self, name: str, base_url: str, dialect: Dialect,
+                 api_key: str | None = None) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.dialect = dialect
+        #: What the proxy sends for calls made with a proxy key: the provider's own key in
+        #: its native header; None when no key is configured (e.g. a local server).
+        self.credential = dialect.credential_header(api_key) if api_key else None
         parts = urlsplit(self.base_url)
         self._scheme = parts.scheme
         self._netloc = parts.netloc

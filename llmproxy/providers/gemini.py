@@ -139,6 +139,9 @@ class Gemini(Dialect):
     }
     default_error_type = "UNKNOWN"
 
+    def credential_header(self, key: str) -> tuple[str, str]:
+        return "x-goog-api-key", key
+
     def _inspect(self, method: str, path: str, query: str, headers: HeadersLike,
                  body: bytes | None) -> RequestInfo:
         info = RequestInfo(streaming=accepts_event_stream(headers), model=_model(path))

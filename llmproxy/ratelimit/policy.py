@@ -107,7 +107,9 @@ def scopes_for(ex: Exchange) -> list[Scope]:
         scopes.append(Scope("provider", safe_id(ex.provider)))
     if ex.model:
         scopes.append(Scope("model", safe_id(ex.model)))
-    if ex.key_fingerprint:
+    if ex.key_id:  # a proxy key: its id is the scope, never the secret
+        scopes.append(Scope("key", ex.key_id))
+    elif ex.key_fingerprint:
         scopes.append(Scope("key", ex.key_fingerprint))
     if ex.user:
         scopes.append(Scope("user", safe_id(ex.user)))
@@ -165,12 +167,13 @@ class Limiter:
         self.settings = settings
         self.store = store
         self._on_lost = on_lost  # told of corrections the store could not take
-        self._cache: dict[tuple[str, str], list[Check]] = {}
+        self._cache: dict[tuple[str, str, tuple[tuple[str, int], ...]], list[Check]] = {}
 
     def checks_for(self, ex: Exchange, tokens: int) -> list[Check]:
         checks: list[Check] = []
         for scope in scopes_for(ex):
-            for check in self._templates(scope):
+            own = ex.key_limits if scope.kind == "key" else ()
+            for check in self._templates(scope, own):
                 if check.metric == "tokens":  # the template has no cost yet
                     spec = check.spec
                     check = Check(scope, "tokens", check.window, CounterSpec(
@@ -179,17 +182,21 @@ class Limiter:
                 checks.append(check)
         return checks
 
-    def _templates(self, scope: Scope) -> list[Check]:
+    def _templates(self, scope: Scope, own: tuple[tuple[str, int], ...] = ()) -> list[Check]:
         """A scope's checks, resolved once: request checks complete, token checks costless.
 
-        Limits do not change while the proxy runs, so they are looked up once per scope
+        ``own`` is a proxy key's own limits, applied over the configured ones like a
+        ``per_key`` override. Configured limits do not change while the proxy runs and a
+        key's own limits are part of the cache key, so limits are looked up once per scope
         rather than per request; the cache is cleared when it grows past a bound (user
         and key scopes are unbounded sets).
         """
-        cached = self._cache.get((scope.kind, scope.id))
+        cached = self._cache.get((scope.kind, scope.id, own))
         if cached is not None:
             return cached
         limits = self.settings.limits_for(scope.kind, scope.id)
+        if own:
+            limits = limits.merged(dict(own))
         templates: list[Check] = []
         for window, seconds, granularity in WINDOWS:
             for metric in ("requests", "tokens"):
@@ -203,7 +210,7 @@ class Limiter:
                 templates.append(Check(scope, metric, window, spec))
         if len(self._cache) >= _TEMPLATE_CACHE_SIZE:
             self._cache.clear()
-        self._cache[(scope.kind, scope.id)] = templates
+        self._cache[(scope.kind, scope.id, own)] = templates
         return templates
 
     def reserve(self, ex: Exchange) -> Reservation | Denial | None:

@@ -86,7 +86,11 @@ def test_without_an_admin_token_admin_is_an_unknown_route(make_app: Callable[...
 
 
 def test_keys_mode_opens_the_database_without_mounting_admin(make_app: Callable[..., Any],
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    for name in ("OPENAI", "ANTHROPIC", "GEMINI", "GROQ"):  # keys mode reads the providers'
+        monkeypatch.setenv(f"{name}_API_KEY", "sk-test")
     app = make_app({"auth": {"mode": "keys",
                              "database_url": f"sqlite:///{tmp_path / 'keys.db'}"}})
     assert get_state(app).key_store is not None
