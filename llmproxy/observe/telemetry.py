@@ -68,34 +68,14 @@ _PROVIDER_HOSTS = {
 _PROVIDER_ROUTES = {"openai": "OPENAI", "anthropic": "ANTHROPIC", "gemini": "GCP_GEMINI",
                     "groq": "GROQ"}
 MAX_VALUE_CHARS = 256  # request-supplied strings (the model) are clipped to this
-COUNT_TOKENS = "count_tokens"  # free token-count routes: not a GenAI operation of the conventions
-OTHER = "other"  # any route that is not one of the operations below (model lists, files, ...)
+OTHER = "other"  # a route its dialect names no operation for (model lists, files, ...)
 
 
-def _operation_table(values: Any) -> dict[str, tuple[tuple[str, str], ...]]:
-    """Path endings per dialect -> ``gen_ai.operation.name`` (first match wins)."""
-    chat, text = values.CHAT.value, values.TEXT_COMPLETION.value
-    embeddings, generate = values.EMBEDDINGS.value, values.GENERATE_CONTENT.value
-    openai = (("/chat/completions", chat), ("/completions", text), ("/responses", chat),
-              ("/embeddings", embeddings), ("/images/generations", generate),
-              ("/images/edits", generate), ("/audio/speech", generate))
-    return {
-        "openai": openai,
-        "anthropic": (("/messages", chat), ("/messages/count_tokens", COUNT_TOKENS),
-                      ("/complete", text)) + openai,  # + its OpenAI SDK compatibility
-        "gemini": ((":generateContent", generate), (":streamGenerateContent", generate),
-                   (":embedContent", embeddings), (":batchEmbedContents", embeddings),
-                   (":countTokens", COUNT_TOKENS)) + openai,  # + its OpenAI-compatible routes
-    }
-
-
-def operation_name(table: Mapping[str, tuple[tuple[str, str], ...]], dialect: str | None,
-                   upstream_path: str) -> str:
+def operation_name(dialect: str | None, upstream_path: str) -> str:
+    """``gen_ai.operation.name`` of a call: its dialect names its routes' operations."""
+    found = DIALECTS.get(dialect or "")
     path = upstream_path.partition("?")[0].rstrip("/")
-    for ending, name in table.get(dialect or "", ()):
-        if path.endswith(ending):
-            return name
-    return OTHER
+    return found.operation(path) if found is not None else OTHER
 
 
 def exchange_cost(ex: Exchange) -> float | None:
@@ -302,8 +282,7 @@ class Telemetry:
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.settings = settings
-        self.keys, operations, provider_names = _keys()
-        self._operations = _operation_table(operations)
+        self.keys, _, provider_names = _keys()
         self._routes: dict[str, _Route] = {}
         k = self.keys
         for name, base_url in routes.items():
@@ -468,7 +447,7 @@ class Telemetry:
             return self._untraced if self._meter_provider is not None else None
         k = self.keys
         route = self._routes.get(ex.provider or "")
-        operation = operation_name(self._operations, ex.dialect, ex.upstream_path)
+        operation = operation_name(ex.dialect, ex.upstream_path)
         model = _clip(ex.model)
         attributes: dict[str, Any] = {k.operation: operation, k.request_stream: ex.streaming,
                                       REQUEST_ID: ex.request_id}
@@ -582,7 +561,7 @@ class Telemetry:
         k = self.keys
         route = self._routes.get(ex.provider or "")
         attributes: dict[str, Any] = {
-            k.operation: operation_name(self._operations, ex.dialect, ex.upstream_path)}
+            k.operation: operation_name(ex.dialect, ex.upstream_path)}
         if route is not None:
             attributes.update(route.attributes)
         requested = _clip(getattr(ex.request_info, "model", None))

@@ -26,6 +26,7 @@ from .base import (
     text,
     text_fields,
 )
+from .openai import OPERATIONS as OPENAI_OPERATIONS
 
 _TYPE = re.compile(rb'\s*\{\s*"type"\s*:\s*"([a-z_]+)"')
 # Generated text in content_block_delta events: text, thinking and tool input (a thinking
@@ -140,6 +141,9 @@ class Anthropic(Dialect):
         502: "api_error", 503: "overloaded_error", 504: "timeout_error",
     }
     default_error_type = "api_error"
+    # Its own routes, then its OpenAI SDK compatibility routes.
+    operations = (("/messages", "chat"), ("/messages/count_tokens", "count_tokens"),
+                  ("/complete", "text_completion"), *OPENAI_OPERATIONS)
 
     def credential_header(self, key: str) -> tuple[str, str]:
         return "x-api-key", key

@@ -258,6 +258,17 @@ class Dialect:
         """A free token-counting route: its ``input_tokens`` is a measurement, not usage."""
         return False
 
+    #: Route endings -> the GenAI ``gen_ai.operation.name`` (first match wins); the values
+    #: of the OpenTelemetry conventions, plus ``count_tokens`` for free token counts.
+    operations: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def operation(self, route: str) -> str:
+        """The GenAI operation of ``route`` (a path without query), ``other`` when none."""
+        for ending, name in self.operations:
+            if route.endswith(ending):
+                return name
+        return "other"
+
 
 class Provider:
     """A provider route: ``/<name>/<rest>`` forwarded to ``<base_url><rest>``."""

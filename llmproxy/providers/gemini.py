@@ -29,6 +29,7 @@ from .base import (
     text,
     text_fields,
 )
+from .openai import OPERATIONS as OPENAI_OPERATIONS
 
 # "models/<m>:method" or "tunedModels/<m>:method"; the model ends at ":" or "/" or the end.
 _MODEL = re.compile(r"(?:^|/)(models|tunedModels)/([^/:]+)")
@@ -138,6 +139,11 @@ class Gemini(Dialect):
         503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
     }
     default_error_type = "UNKNOWN"
+    # Its own routes, then its OpenAI-compatible ones.
+    operations = ((":generateContent", "generate_content"),
+                  (":streamGenerateContent", "generate_content"),
+                  (":embedContent", "embeddings"), (":batchEmbedContents", "embeddings"),
+                  (":countTokens", "count_tokens"), *OPENAI_OPERATIONS)
 
     def credential_header(self, key: str) -> tuple[str, str]:
         return "x-goog-api-key", key

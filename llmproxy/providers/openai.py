@@ -29,6 +29,11 @@ from .base import (
 )
 
 _STREAM_ROUTES = ("/chat/completions", "/completions", "/responses")
+#: GenAI operation names of the OpenAI routes (Anthropic and Gemini also serve these).
+OPERATIONS = (("/chat/completions", "chat"), ("/completions", "text_completion"),
+              ("/responses", "chat"), ("/embeddings", "embeddings"),
+              ("/images/generations", "generate_content"), ("/images/edits", "generate_content"),
+              ("/audio/speech", "generate_content"))
 # A chunk is worth parsing only for a non-null usage or finish_reason, or an error. Text
 # deltas escape their quotes (\"usage\"), so generated text cannot match these keys.
 _INTERESTING = re.compile(rb'"(?:usage|finish_reason)"\s*:\s*(?!null)|"error"')
@@ -171,6 +176,7 @@ class OpenAI(Dialect):
         502: "server_error", 503: "server_error", 504: "timeout_error",
     }
     default_error_type = "server_error"
+    operations = OPERATIONS
 
     def _inspect(self, method: str, path: str, query: str, headers: HeadersLike,
                  body: bytes | None) -> RequestInfo:
