@@ -30,8 +30,16 @@ def fingerprint(key: str) -> str:
     return "fp_" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
+# A proxy key (llmproxy.keys.model.KEY_PREFIX) anywhere in a target: under an unexpected
+# query parameter or pasted into the path, it must not reach records either.
+_PROXY_KEY_RE = re.compile(r"\b(llmp-)[A-Za-z0-9_\-]{8,}")
+
+
 def redact_query(target: str) -> str:
-    """Replace credential values in a path's query string with ``REDACTED``."""
+    """Replace credential values in a path's query string, and proxy keys anywhere in it,
+    with ``REDACTED``."""
+    if "llmp-" in target:
+        target = _PROXY_KEY_RE.sub(r"\1REDACTED", target)
     if "=" not in target:
         return target
     return _KEY_PARAM_RE.sub(r"\1REDACTED", target)

@@ -22,9 +22,10 @@ from flask import Response, current_app, g, request
 from . import identity
 from .errors import error_response
 from .exchange import ErrorKind, Exchange, Outcome
-from .inflight import BodyTimeout
+from .inflight import BodyTimeout, Call
 from .keys.credentials import forward_target
 from .observe.telemetry import EXTENSION_KEY as TELEMETRY_KEY
+from .providers import Dialect
 from .state import get_state
 from .upstream import request_headers
 
@@ -55,6 +56,18 @@ def _strip_prefix(target: str, segments: int) -> str:
     """Drop the first ``segments`` path segments (``/openai`` or ``/meta/<u>/openai``)."""
     pieces = target.split("/", segments + 1)
     return "/" + pieces[segments + 1] if len(pieces) > segments + 1 else ""
+
+
+def _body_timeout(ex: Exchange, dialect: Dialect, call: Call, seconds: float) -> Response:
+    """408 for a body that did not arrive in time; the connection is closed after it, since
+    the rest of the body may still come and must not pass for the next request."""
+    ex.status = 408
+    ex.error_kind = ErrorKind.BODY_TIMEOUT
+    ex.outcome = Outcome.CLIENT_ABORTED
+    out = error_response(dialect, 408, f"The request body did not arrive within {seconds:g} s.",
+                         request_id=ex.request_id)
+    out.call_on_close(call.hang_up)
+    return out
 
 
 def prepare() -> Response | None:
@@ -128,13 +141,7 @@ def prepare() -> Response | None:
         try:
             body = request.get_data(cache=True)
         except BodyTimeout:
-            ex.status = 408
-            ex.error_kind = ErrorKind.BODY_TIMEOUT
-            ex.outcome = Outcome.CLIENT_ABORTED
-            out = error_response(dialect, 408, f"The request body did not arrive within "
-                                 f"{settings.body_timeout:g} s.", request_id=rid)
-            out.call_on_close(call.hang_up)
-            return out
+            return _body_timeout(ex, dialect, call, settings.body_timeout)
         finally:
             call.reading = 0.0
         if len(body) < length:
@@ -154,13 +161,18 @@ def prepare() -> Response | None:
         # inspected (and forwarded with a length) like any other; a longer one streams on
         # from what was read.
         cap = min(settings.inspect_max_bytes, settings.max_body_bytes)
+        call.reading = time.monotonic()  # the head within server.body_timeout, like a body
         try:
             head = request.stream.read(cap + 1)
+        except BodyTimeout:
+            return _body_timeout(ex, dialect, call, settings.body_timeout)
         except Exception:  # malformed chunking, or the client left mid-upload
             ex.status = 400
             ex.error_kind = ErrorKind.CLIENT_READ
             return error_response(dialect, 400, "Could not read the request body.",
                                   request_id=rid)
+        finally:
+            call.reading = 0.0
         if len(head) <= cap:
             body = head
             ex.request_bytes = len(body)

@@ -115,3 +115,12 @@ def test_user_sources_are_configurable() -> None:
     assert resolve_user(None, {}, None, "", "1.2.3.4", None, ("path", "key", "header")) \
         == (None, None)
     assert resolve_user(None, {}, None, "", "1.2.3.4", None, ("key", "ip")) == ("1.2.3.4", "ip")
+
+
+def test_proxy_keys_are_redacted_anywhere_in_a_target() -> None:
+    key = "llmp-" + "A1b2_C3d4-" * 4
+    for target in (f"/openai/v1/models?token={key}", f"/openai/{key}/v1/models",
+                   f"/gemini/v1beta/models?alt=sse&key={key}"):
+        redacted = redact_query(target)
+        assert key not in redacted and "llmp-REDACTED" in redacted or "key=REDACTED" in redacted
+        assert key[5:] not in redacted

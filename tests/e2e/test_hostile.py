@@ -1310,6 +1310,24 @@ def test_trickled_body_gets_408(slow_proxy: ProxyProcess) -> None:
     assert (record["status"], record["error_kind"]) == (408, "body_timeout")
 
 
+def test_withheld_chunked_upload_gets_408(slow_proxy: ProxyProcess) -> None:
+    """A chunked upload (no Content-Length) sends one chunk and then nothing: the proxy reads
+    such a body up to inspect_max_bytes to inspect it, and that read is held to
+    body_timeout like any other (408, connection closed), not left open."""
+    rid = "chunked-" + uuid.uuid4().hex
+    with socket.create_connection(("127.0.0.1", slow_proxy.port), timeout=10) as sock:
+        sock.sendall(f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     f"X-Request-ID: {rid}\r\nContent-Type: application/json\r\n"
+                     f"Transfer-Encoding: chunked\r\n\r\n5\r\n{{\"a\":\r\n".encode())
+        started = time.monotonic()
+        answer = read_all(sock)
+        elapsed = time.monotonic() - started
+    proxy_error(parse_one(answer, "POST"), "openai", 408)
+    assert BODY_TIMEOUT - 0.1 < elapsed < BODY_TIMEOUT + 3, elapsed
+    record = slow_proxy.wait_record(rid)
+    assert (record["status"], record["error_kind"]) == (408, "body_timeout")
+
+
 def test_withheld_streamed_upload_gets_408_and_the_upstream_is_closed(
         slow_proxy: ProxyProcess, sink: RawSink) -> None:
     """A body too big to be read whole stops after 1 KB: 408, and the provider, which got the
