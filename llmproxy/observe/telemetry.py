@@ -146,7 +146,7 @@ class _Keys:
     status_code: str
 
 
-def _keys() -> tuple[_Keys, Any, Any]:
+def _keys() -> tuple[_Keys, Any]:
     from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as g
     from opentelemetry.semconv.attributes import (
         error_attributes,
@@ -170,7 +170,7 @@ def _keys() -> tuple[_Keys, Any, Any]:
         server_port=server_attributes.SERVER_PORT, error_type=error_attributes.ERROR_TYPE,
         status_code=http_attributes.HTTP_RESPONSE_STATUS_CODE,
     )
-    return keys, g.GenAiOperationNameValues, g.GenAiProviderNameValues
+    return keys, g.GenAiProviderNameValues
 
 
 def _shown(url: str | None) -> str:
@@ -282,7 +282,7 @@ class Telemetry:
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.settings = settings
-        self.keys, _, provider_names = _keys()
+        self.keys, provider_names = _keys()
         self._routes: dict[str, _Route] = {}
         k = self.keys
         for name, base_url in routes.items():
