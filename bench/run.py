@@ -1,6 +1,6 @@
 """llmproxy benchmark suite: each scenario straight to a fake upstream, then through the proxy.
 
-Usage: ``python bench/run.py [--smoke] [--scenarios A,B,C,D,E,F,G] [--streams 100,500,1000,2000]``
+Usage: ``python bench/run.py [--smoke] [--scenarios A,B,C,D,E,F,G,H] [--streams 100,500,1000,2000]``
 (``make bench`` / ``make bench-smoke``). Prints a table and writes ``bench/results/<ts>.json``.
 See docs/benchmarks.md for what each scenario measures and how processes are pinned.
 """
@@ -52,6 +52,7 @@ TARGETS = {
     "E": "cost <= 15 % of B (memory), <= 30 % (redis)",
     "F": "OpenTelemetry on: CPU per request <= x1.10 telemetry off",
     "G": "proxy keys on: cost <= 10 % of B (pass-through) by CPU per request",
+    "H": "budgets on (Redis): CPU per request <= x1.25 pass-through",
 }
 
 
@@ -898,6 +899,38 @@ def _slice(r: Runner, proxy: Proxy, headers: dict[str, str], seconds: float
     return res, (cpu / res.requests * 1000 if res.requests else 0.0)
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _alternating(r: Runner, modes: list[tuple[str, Proxy, dict[str, str]]]
+                 ) -> dict[str, dict[str, Any]]:
+    """B's load on each proxy in alternating slices (the order flipped every round), so
+    that other load on the machine hits every mode alike; the medians per mode."""
+    p = r.plan
+    for _, proxy, headers in modes:
+        r.run_wrk(proxy.port, "/openai" + CHAT_PATH, p.b_connections, p.warmup_seconds,
+                  r.pin.harness, headers)
+    slices = 1 if p.smoke else 8
+    seconds = max(1.0, p.b_seconds / 2)
+    runs: dict[str, list[tuple[WrkResult, float]]] = {mode: [] for mode, _, _ in modes}
+    for n in range(slices):
+        for mode, proxy, headers in modes if n % 2 == 0 else modes[::-1]:
+            runs[mode].append(_slice(r, proxy, headers, seconds))
+    summary: dict[str, dict[str, Any]] = {}
+    for mode, got in runs.items():
+        summary[mode] = {"rps": round(_median([w.rps for w, _ in got]), 1),
+                         "p99_ms": round(_median([w.p99_ms for w, _ in got]), 2),
+                         "errors": sum(w.errors for w, _ in got),
+                         "requests": sum(w.requests for w, _ in got),
+                         "proxy_cpu_s_per_1000": round(_median([c for _, c in got]), 3),
+                         "slices_cpu_s_per_1000": [round(c, 3) for _, c in got],
+                         "slice_seconds": seconds}
+    return summary
+
+
 def scenario_g(r: Runner) -> dict[str, Any]:
     """B with proxy keys (auth.mode keys, SQLite, the key cached after its first call)
     against pass-through. Both proxies run side by side and are measured in alternating
@@ -907,53 +940,100 @@ def scenario_g(r: Runner) -> dict[str, Any]:
         secret = _create_proxy_key(r, url)
     except HarnessError as exc:
         return {"available": False, "reason": str(exc)}
-    p = r.plan
     plain = {**HEADERS, "Authorization": "Bearer sk-bench"}
     keyed = {**HEADERS, "Authorization": f"Bearer {secret}"}
     base = r.proxy(None, SERVER_KEYS)
     keys = r.proxy({"auth": {"mode": "keys", "database_url": url}}, SERVER_KEYS)
     try:
-        for proxy, headers in ((base, plain), (keys, keyed)):
-            r.run_wrk(proxy.port, "/openai" + CHAT_PATH, p.b_connections, p.warmup_seconds,
-                      r.pin.harness, headers)
-        slices = 1 if p.smoke else 8
-        seconds = max(1.0, p.b_seconds / 2)
-        runs: dict[str, list[tuple[WrkResult, float]]] = {"passthrough": [], "keys": []}
-        for n in range(slices):
-            order = [("passthrough", base, plain), ("keys", keys, keyed)]
-            for mode, proxy, headers in order if n % 2 == 0 else order[::-1]:
-                runs[mode].append(_slice(r, proxy, headers, seconds))
+        summary = _alternating(r, [("passthrough", base, plain), ("keys", keys, keyed)])
         verified = _keys_denies_unknown(keys)
     finally:
         base.stop()
         keys.stop()
-
-    def median(values: list[float]) -> float:
-        ordered = sorted(values)
-        mid = len(ordered) // 2
-        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-    summary = {}
-    for mode, got in runs.items():
-        summary[mode] = {"rps": round(median([w.rps for w, _ in got]), 1),
-                         "p99_ms": round(median([w.p99_ms for w, _ in got]), 2),
-                         "errors": sum(w.errors for w, _ in got),
-                         "requests": sum(w.requests for w, _ in got),
-                         "proxy_cpu_s_per_1000": round(median([c for _, c in got]), 3),
-                         "slices_cpu_s_per_1000": [round(c, 3) for _, c in got]}
     summary["keys"]["keys_verified"] = verified
     base_cpu = summary["passthrough"]["proxy_cpu_s_per_1000"]
     keys_cpu = summary["keys"]["proxy_cpu_s_per_1000"]
     # Per pair of neighbouring slices too: the spread says how far to trust the median.
-    paired = [1.0 - b / k for (_, b), (_, k) in zip(runs["passthrough"], runs["keys"],
-                                                    strict=True) if k]
+    paired = [1.0 - b / k for b, k in zip(summary["passthrough"]["slices_cpu_s_per_1000"],
+                                          summary["keys"]["slices_cpu_s_per_1000"],
+                                          strict=True) if k]
     cpu_cost = 1.0 - base_cpu / keys_cpu if keys_cpu else None
     return {
-        "available": True, "slice_seconds": seconds, "baseline": summary["passthrough"],
-        "keys": summary["keys"],
+        "available": True, "slice_seconds": summary["keys"]["slice_seconds"],
+        "baseline": summary["passthrough"], "keys": summary["keys"],
         "cpu_cost_vs_b": round(cpu_cost, 3) if cpu_cost is not None else None,
         "paired_cpu_costs": [round(x, 3) for x in paired],
         "pass": cpu_cost is not None and cpu_cost <= 0.10 and summary["keys"]["errors"] == 0
+        and verified,
+    }
+
+
+# Creates a proxy key with a budget no benchmark reaches, and prints its secret.
+_CREATE_BUDGET_KEY = ("import sys; from llmproxy.keys.store import KeyStore; "
+                      "from llmproxy.budgets.model import Budget; "
+                      "s = KeyStore.from_url(sys.argv[1]); s.migrate(); "
+                      "print(s.create('bench', user='bench-user', team='bench', "
+                      "budgets=Budget(day=100000.0, total=900000.0))[1])")
+
+
+def _budget_config(url: str, redis_port: int) -> dict[str, Any]:
+    return {"auth": {"mode": "keys", "database_url": url},
+            "budgets": {"enabled": True},
+            "features": {"rate_limiting": {"backend": "redis", "redis": {
+                "url": f"redis://{HOST}:{redis_port}/0", "reconcile_delay_ms": 50}}}}
+
+
+def _budget_refuses(r: Runner, proxy: Proxy, url: str) -> bool:
+    """A key whose budget is spent is refused with 429: the check is really on."""
+    code = ("import sys; from llmproxy.keys.store import KeyStore; "
+            "from llmproxy.budgets.model import Budget; s = KeyStore.from_url(sys.argv[1]); "
+            "print(s.create('broke', budgets=Budget(total=0.0))[1])")
+    out = subprocess.run([sys.executable, "-c", code, url], cwd=r.proxy_dir,
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        return False
+    status, _ = http_post(proxy.port, "/openai" + CHAT_PATH, json.dumps(CHAT_BODY).encode(),
+                          {**HEADERS, "Authorization": f"Bearer {out.stdout.strip()}"})
+    return status == 429
+
+
+def scenario_h(r: Runner) -> dict[str, Any]:
+    """B with budgets on (a proxy key with day and total budgets, the Redis backend: one
+    reservation round trip per call, settlements carried by the next one, the ledger written
+    in batches) against pass-through, in alternating slices like G."""
+    url = f"sqlite:///{r.workdir / 'budgets.db'}"
+    try:
+        out = subprocess.run([sys.executable, "-c", _CREATE_BUDGET_KEY, url],
+                             cwd=r.proxy_dir, capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise HarnessError(f"cannot create a proxy key: {out.stderr.strip()[-300:]}")
+        secret = out.stdout.strip()
+        redis = RedisServer(r.pin, r.workdir)
+    except HarnessError as exc:
+        return {"available": False, "reason": str(exc)}
+    plain = {**HEADERS, "Authorization": "Bearer sk-bench"}
+    keyed = {**HEADERS, "Authorization": f"Bearer {secret}"}
+    base = r.proxy(None, SERVER_KEYS)
+    budgets = r.proxy(_budget_config(url, redis.port), SERVER_KEYS)
+    try:
+        summary = _alternating(r, [("passthrough", base, plain), ("budgets", budgets, keyed)])
+        verified = _budget_refuses(r, budgets, url)
+    finally:
+        base.stop()
+        budgets.stop()
+        redis.stop()
+    base_cpu = summary["passthrough"]["proxy_cpu_s_per_1000"]
+    on_cpu = summary["budgets"]["proxy_cpu_s_per_1000"]
+    ratio = on_cpu / base_cpu if base_cpu else None
+    paired = [k / b for b, k in zip(summary["passthrough"]["slices_cpu_s_per_1000"],
+                                    summary["budgets"]["slices_cpu_s_per_1000"], strict=True)
+              if b]
+    summary["budgets"]["budgets_verified"] = verified
+    return {
+        "available": True, "baseline": summary["passthrough"], "budgets": summary["budgets"],
+        "cpu_ratio_vs_passthrough": round(ratio, 3) if ratio is not None else None,
+        "paired_cpu_ratios": [round(x, 3) for x in paired],
+        "pass": ratio is not None and ratio <= 1.25 and summary["budgets"]["errors"] == 0
         and verified,
     }
 
@@ -1116,6 +1196,22 @@ def render(results: dict[str, Any]) -> str:
             add(f"  cost by CPU per request {_f(None if cost is None else cost * 100, 1)} % "
                 f"(slice pairs: {paired} %)  keys verified {_f(f['keys']['keys_verified'])}  "
                 f"[{_verdict(f.get('pass'))}]")
+    if "H" in s:
+        f = s["H"]
+        add("")
+        add(f"H. Budgets on (Redis backend) — scenario B, alternating slices   "
+            f"[{TARGETS['H']}]")
+        if not f.get("available"):
+            add(f"  not available: {f.get('reason')}")
+        else:
+            for label, row in (("pass-through", f["baseline"]), ("budgets", f["budgets"])):
+                add(f"  {label:13}{row['rps']:>8,.0f} req/s  p99 {row['p99_ms']:.2f} ms  "
+                    f"{row['proxy_cpu_s_per_1000']:.3f} s CPU / 1,000 (median of "
+                    f"{len(row['slices_cpu_s_per_1000'])} slices)")
+            paired = ", ".join(f"x{x:.2f}" for x in f["paired_cpu_ratios"])
+            add(f"  CPU per request x{_f(f['cpu_ratio_vs_passthrough'])} pass-through "
+                f"(slice pairs: {paired})  budgets verified "
+                f"{_f(f['budgets']['budgets_verified'])}  [{_verdict(f.get('pass'))}]")
     return "\n".join(lines)
 
 
@@ -1188,12 +1284,17 @@ def check_smoke(results: dict[str, Any]) -> list[str]:
                           or g["keys"]["errors"] or g["baseline"]["errors"]
                           or not g["keys"]["keys_verified"]):
         problems.append(f"G: {g.get('keys', g)}")
+    h = s.get("H")
+    if h is not None and (not h.get("available") or h["budgets"]["requests"] == 0
+                          or h["budgets"]["errors"] or h["baseline"]["errors"]
+                          or not h["budgets"]["budgets_verified"]):
+        problems.append(f"H: {h.get('budgets', h)}")
     return problems
 
 
 def run(args: argparse.Namespace) -> int:
     scenarios = [x.strip().upper() for x in args.scenarios.split(",") if x.strip()]
-    unknown = set(scenarios) - set("ABCDEFG")
+    unknown = set(scenarios) - set("ABCDEFGH")
     if unknown:
         raise SystemExit(f"unknown scenarios: {','.join(sorted(unknown))}")
     streams = [int(x) for x in args.streams.split(",")] if args.streams else None
@@ -1262,6 +1363,8 @@ def run(args: argparse.Namespace) -> int:
                 s["F"] = scenario_f(r)
             if "G" in scenarios:
                 s["G"] = scenario_g(r)
+            if "H" in scenarios:
+                s["H"] = scenario_h(r)
         finally:
             fake.stop()
     results["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -1286,8 +1389,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true",
                     help="a few seconds with tiny counts: proves the harness works")
-    ap.add_argument("--scenarios", default="A,B,C,D,E,F,G",
-                    help="comma-separated subset of A-G")
+    ap.add_argument("--scenarios", default="A,B,C,D,E,F,G,H",
+                    help="comma-separated subset of A-H")
     ap.add_argument("--streams", default="", help="scenario C stream counts, e.g. 100,500,1000")
     ap.add_argument("--proxy-dir", default="",
                     help="start the proxy from this checkout instead (to compare a change)")

@@ -10,7 +10,7 @@ limiter's reconciliation and provider health.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, current_app, g, request
 from flask_cors import CORS
@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 from . import inbound, relay
 from .config import Settings, build_settings, load_raw
 from .errors import error_response
+from .exchange import Exchange
 from .inflight import InFlight
 from .observe import health, logs, metrics, records, telemetry
 from .pricing import PricingTable
@@ -26,6 +27,9 @@ from .providers import DIALECTS, Provider
 from .ratelimit import RateLimit
 from .state import EXTENSION_KEY, ProxyState, get_state
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .budgets.policy import BudgetPolicy
 
 #: Response headers browsers may read: ours, the rate-limit ones and the providers' ids.
 EXPOSE_HEADERS = [
@@ -37,7 +41,8 @@ EXPOSE_HEADERS = [
     "anthropic-ratelimit-requests-limit", "anthropic-ratelimit-requests-remaining",
     "anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-limit",
     "anthropic-ratelimit-tokens-remaining", "anthropic-ratelimit-tokens-reset",
-    "openai-processing-ms", "openai-version",
+    "openai-processing-ms", "openai-version", "x-should-retry", "X-Budget-Scope",
+    "X-Budget-Window", "X-Budget-Limit-USD", "X-Budget-Remaining-USD",
 ]
 
 
@@ -70,6 +75,8 @@ def build_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     app.after_request(relay.finish_on_close)
 
     state.on_finish(pricing.price_exchange)
+    _init_keys(app, state)
+    budgets = _init_budgets(state, pricing, counting=settings.metrics.enabled)
     state.on_finish(logs.log_exchange)
     state.other_listeners.append(logs.log_exchange)
     counting = settings.metrics.enabled
@@ -78,13 +85,18 @@ def build_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
                                  metrics.record_dropped_usage_record if counting else None)
         state.on_finish(sink.on_finish)
     limiter = None
-    if settings.ratelimit.enabled:
+    if settings.ratelimit.enabled or budgets is not None:
         limiter = RateLimit(
             settings.ratelimit,
             on_denied=metrics.record_ratelimit_denial if counting else None,
             on_backend_error=metrics.record_ratelimit_backend_error if counting else None,
-            on_evicted=metrics.record_ratelimit_evictions if counting else None)
+            on_evicted=metrics.record_ratelimit_evictions if counting else None,
+            budgets=budgets,
+            on_budget=metrics.record_budget if counting else None,
+            on_budget_denied=metrics.record_budget_denial if counting else None)
         limiter.install(app, state.on_finish)
+    if budgets is not None:  # after the limiter: spend is settled, then written down
+        _init_ledger(state, counting)
     if counting:
         state.on_finish(metrics.init_app(app, settings.metrics, pricing).on_finish)
     else:
@@ -97,7 +109,6 @@ def build_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     state.on_finish(tracker.observe)
     health.init_app(app, tracker)
 
-    _init_keys(app, state)
     if state.key_store is not None and settings.auth.mode != "passthrough":
         from .keys.guard import open_guard  # proxy keys, checked by inbound.prepare
 
@@ -119,7 +130,8 @@ def _init_keys(app: Flask, state: ProxyState) -> None:
     migrates on its first successful use instead, and the worker starts all the same.
     """
     auth = state.settings.auth
-    if auth.mode == "passthrough" and not auth.admin_token:
+    if auth.mode == "passthrough" and not auth.admin_token \
+            and not state.settings.budgets.enabled:
         return
     from .keys import admin
     from .keys.store import KeyStore, KeyStoreError
@@ -133,6 +145,42 @@ def _init_keys(app: Flask, state: ProxyState) -> None:
     if auth.admin_token:
         app.register_blueprint(admin.blueprint(store, auth.admin_token, state.providers),
                                url_prefix="/admin")
+
+
+def _init_budgets(state: ProxyState, pricing: PricingTable,
+                  counting: bool) -> BudgetPolicy | None:
+    """The budget policy over the key database (budgets.enabled), charging after pricing."""
+    settings = state.settings.budgets
+    store = state.key_store
+    if not settings.enabled or store is None:
+        return None
+    from .budgets.policy import BudgetBook
+    from .budgets.policy import BudgetPolicy as Policy
+
+    book = BudgetBook(store.budgets, settings.refresh_seconds)
+    policy = Policy(settings, pricing, book, store.spent)
+    state.on_finish(policy.charge)
+    return policy
+
+
+def _init_ledger(state: ProxyState, counting: bool) -> None:
+    """Every call's spend, written to the ledger in batches (budgets.enabled)."""
+    from .budgets.ledger import LedgerWriter
+    from .budgets.policy import spend_row
+
+    settings = state.settings.budgets
+    assert state.key_store is not None
+    writer = LedgerWriter(state.key_store, settings.ledger_flush_seconds,
+                          max_pending=settings.max_pending,
+                          on_dropped=metrics.record_ledger_dropped if counting else None)
+    state.ledger = writer
+
+    def record(ex: Exchange) -> None:
+        row = spend_row(ex)
+        if row is not None:
+            writer.add(row)
+
+    state.on_finish(record)
 
 
 def _dialect() -> str | None:

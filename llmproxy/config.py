@@ -326,6 +326,20 @@ class AuthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetSettings:
+    """USD spend budgets (docs/budgets.md): reserved before a call, settled at its end."""
+
+    enabled: bool = False
+    default_output_tokens: int = 4096  # output assumed when a request sets no cap
+    unpriced: str = "deny"  # deny | allow: a budgeted call to a model with no price
+    ledger_flush_seconds: float = 1.0
+    refresh_seconds: float = 5.0  # how often a worker reloads the user and team budgets
+    hold_seconds: float = 3600.0  # a hold no worker settles is released after this long
+    on_error: str = "closed"  # closed (503) | open: the budget store cannot be reached
+    max_pending: int = 10_000  # ledger rows a worker queues while the database is down
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Every setting, validated; built once at start-up by :func:`build_settings`."""
 
@@ -340,6 +354,7 @@ class Settings:
     ratelimit: RateLimitSettings
     telemetry: TelemetrySettings = field(default_factory=lambda: TelemetrySettings())
     auth: AuthSettings = field(default_factory=AuthSettings)
+    budgets: BudgetSettings = field(default_factory=BudgetSettings)
 
 
 # ------------------------------------------------------------------------- value checks
@@ -857,6 +872,33 @@ def parse_auth(raw: Mapping[str, Any], environ: Mapping[str, str]) -> AuthSettin
     )
 
 
+BUDGET_UNPRICED = ("deny", "allow")
+BUDGET_ON_ERROR = ("closed", "open")
+
+
+def parse_budgets(raw: Mapping[str, Any]) -> BudgetSettings:
+    """The ``budgets`` section (docs/budgets.md); budgets need the key database."""
+    s = _section(raw, "budgets")
+    d = BudgetSettings()
+    _no_unknown(s, "budgets", ("enabled", "default_output_tokens", "unpriced",
+                               "ledger_flush_seconds", "refresh_seconds", "hold_seconds",
+                               "on_error", "max_pending"))
+    return BudgetSettings(
+        enabled=_bool(s.get("enabled", d.enabled), "budgets.enabled"),
+        default_output_tokens=_int(s.get("default_output_tokens", d.default_output_tokens),
+                                   "budgets.default_output_tokens", 1, 10_000_000),
+        unpriced=_choice(s.get("unpriced", d.unpriced), "budgets.unpriced", BUDGET_UNPRICED),
+        ledger_flush_seconds=_number(s.get("ledger_flush_seconds", d.ledger_flush_seconds),
+                                     "budgets.ledger_flush_seconds", 0.0, exclusive=True),
+        refresh_seconds=_number(s.get("refresh_seconds", d.refresh_seconds),
+                                "budgets.refresh_seconds", 0.0, exclusive=True),
+        hold_seconds=_number(s.get("hold_seconds", d.hold_seconds), "budgets.hold_seconds",
+                             1.0),
+        on_error=_choice(s.get("on_error", d.on_error), "budgets.on_error", BUDGET_ON_ERROR),
+        max_pending=_int(s.get("max_pending", d.max_pending), "budgets.max_pending", 1),
+    )
+
+
 # ---------------------------------------------------------------- telemetry (OpenTelemetry)
 # The `telemetry:` section and the standard OTEL_* variables (these win) -> TelemetrySettings.
 # =============================================================================================
@@ -1054,6 +1096,7 @@ def build_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = N
         ratelimit=parse_ratelimit(raw, env),
         telemetry=parse_telemetry(raw.get("telemetry"), env),
         auth=auth,
+        budgets=parse_budgets(raw),
     )
 
 

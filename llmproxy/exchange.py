@@ -56,6 +56,8 @@ class ErrorKind(_Word):
     UNAUTHENTICATED = "unauthenticated"  # no proxy key where one is required, or a bad one
     FORBIDDEN = "forbidden"  # the proxy key does not allow this provider or model
     KEY_STORE_UNAVAILABLE = "key_store_unavailable"  # a proxy key could not be checked
+    BUDGET_EXCEEDED = "budget_exceeded"  # a spend budget has no room for the call (429)
+    UNPRICED = "unpriced"  # a budgeted call to a model with no price (budgets.unpriced: deny)
 
 
 FinishListener = Callable[["Exchange"], None]
@@ -128,6 +130,7 @@ class Exchange:
     team: str | None = None  # the proxy key's team
     # the proxy key's own rate limits, (name, value) pairs over the limiter's per-key ones
     key_limits: tuple[tuple[str, int], ...] = ()
+    key_budget: Any = None  # the proxy key's own Budget (llmproxy.budgets.model), if any
     client_ip: str | None = None
     streaming: bool = False
     started: float = field(default_factory=time.monotonic)
@@ -147,6 +150,9 @@ class Exchange:
     cost_usd: float | None = None  # set by pricing, the first terminal-event listener
     reservation: Any = None  # the rate limiter's Reservation when it admitted the call
     denial: Any = None  # the rate limiter's Denial when it refused the call
+    # Nano-dollars charged to the call's budgets and the ledger (budgets on): the real cost,
+    # or at least what an aborted stream relayed; set by the budgets' listener.
+    charged_nanos: int | None = None
     counted_in_flight: bool = False  # metrics: counted in the in-flight gauge
     counted_stream: bool = False  # metrics: counted in the open-streams gauge
     duration: float | None = None

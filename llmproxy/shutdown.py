@@ -5,7 +5,7 @@ sends SIGKILL ``graceful_timeout`` seconds after its SIGTERM, and a call still r
 would vanish without its terminal event: no usage record, no access record, no limiter
 correction. So the worker ends such calls itself, :func:`margin` seconds before that
 SIGKILL (:meth:`~llmproxy.inflight.InFlight.cut`, ``outcome: shutdown``), then waits for the
-usage-record writer and sends the limiter's held-back corrections. SIGINT and SIGQUIT (quick
+usage-record writer, sends the limiter's held-back corrections and writes the spend ledger. SIGINT and SIGQUIT (quick
 shutdown: gunicorn exits the worker 0.1 s after calling ``worker_int``) do the same at once.
 
 ``gunicorn.conf.py`` calls :func:`install` from ``post_worker_init`` (in the worker, once
@@ -76,6 +76,9 @@ class Shutdown:
             if limiter is not None else None
         if flush is not None:
             flush()
+        ledger = get_state(self.app).ledger  # the spend of the calls just cut, too
+        if ledger is not None:
+            ledger.flush()
         return cut
 
 

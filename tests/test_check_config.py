@@ -26,6 +26,7 @@ BAD_SECTIONS = {
     "features.rate_limiting": "features: {rate_limiting: {backend: memcached}}",
     "telemetry": "telemetry: {protocol: carrier-pigeon}",
     "auth": "auth: {mode: open}",
+    "budgets": "budgets: {unpriced: maybe}",
 }
 
 

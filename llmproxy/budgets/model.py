@@ -156,3 +156,40 @@ class SpendRow:
     @property
     def identity(self) -> tuple[date, str, str, str, str, str]:
         return (self.day, self.key_id, self.user, self.team, self.model, self.provider)
+
+
+# ----------------------------------------------------------- counters in the rate-limit store
+
+
+@dataclass(slots=True)
+class BudgetSpec:
+    """One spend budget to check and hold in a reservation (amounts in nano-dollars).
+
+    A budget counter keeps the settled spend of one scope in one period and the holds of
+    the calls in flight. A hold that is never settled (its worker was killed) is released
+    when ``hold_ttl`` passes, so no reservation is left behind for good.
+    """
+
+    key: str  # unique per scope and period, e.g. "budget:user:alice:day:20261201"
+    limit: int
+    cost: int  # held until the call settles; admitted only if spent + held + cost <= limit
+    expires_at: int  # epoch seconds after which the counter may be forgotten; 0: never
+    seed: int | None = None  # spend per the ledger, stored only when the counter is missing
+
+
+@dataclass(slots=True)
+class BudgetState:
+    """A budget counter as seen by a reservation (after holding, when it was allowed)."""
+
+    spent: int  # settled spend in the period
+    held: int  # holds of the calls in flight
+
+
+@dataclass(slots=True)
+class Settlement:
+    """Replace a hold with what the call really cost."""
+
+    key: str
+    hold: str  # the reservation's hold id
+    amount: int  # nano-dollars spent (>= 0)
+    expires_at: int

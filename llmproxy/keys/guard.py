@@ -63,7 +63,7 @@ class KeyGuard:
                                 "now; try again shortly.", {"Retry-After": "1"})
         if key is None:
             return self._refuse(ex, 401, "unknown", "Invalid proxy key.")
-        ex.key_id, ex.team = key.id, key.team
+        ex.key_id, ex.team, ex.key_budget = key.id, key.team, key.budgets
         if key.revoked:
             return self._refuse(ex, 401, "revoked", "This proxy key has been revoked.")
         if not key.usable(datetime.now(timezone.utc)):

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from fnmatch import fnmatchcase
 from typing import Any
 
+from ..budgets.model import Budget
 from ..config import LIMIT_KEYS
 
 KEY_PREFIX = "llmp-"
@@ -102,6 +103,7 @@ class ProxyKey:
     created_at: datetime = field(default_factory=utcnow)
     last_used_at: datetime | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    budgets: Budget | None = None  # the key's own USD budgets
 
     def usable(self, now: datetime) -> bool:
         """Not revoked and not expired at ``now`` (aware)."""

@@ -89,6 +89,42 @@ IN_FLIGHT = Gauge("llmproxy_in_flight_requests",
 OPEN_STREAMS = Gauge("llmproxy_open_streams",
                      "Streamed responses being sent by this worker.", multiprocess_mode="liveall")
 
+# mostrecent: the value last set by any worker (each sets what the shared store told it).
+BUDGET_SPEND = Gauge("llmproxy_budget_spend_usd",
+                     "Settled spend of a proxy key's budget window, as last seen by a call.",
+                     ["key_id", "window"], multiprocess_mode="mostrecent")
+BUDGET_REMAINING = Gauge("llmproxy_budget_remaining_usd",
+                         "Budget left in a proxy key's window after the calls in flight.",
+                         ["key_id", "window"], multiprocess_mode="mostrecent")
+BUDGET_DENIALS = Counter("llmproxy_budget_denials", "Calls refused for lack of budget.",
+                         ["scope", "window"])
+LEDGER_DROPPED = Counter("llmproxy_budget_ledger_dropped_rows",
+                         "Spend rows not written to the ledger (its queue was full).")
+#: Proxy keys with budget gauges per worker: the label stays bounded however many keys exist.
+MAX_BUDGET_KEYS = 1000
+_budget_keys: set[str] = set()
+
+
+def record_budget(kind: str, name: str, window: str, spent: float, remaining: float) -> None:
+    """The spend and remaining budget of a proxy key's window (other scopes: not labelled)."""
+    if kind != "key":
+        return
+    if name not in _budget_keys:
+        if len(_budget_keys) >= MAX_BUDGET_KEYS:
+            return
+        _budget_keys.add(name)
+    _child(BUDGET_SPEND, name, window).set(spent)
+    _child(BUDGET_REMAINING, name, window).set(remaining)
+
+
+def record_budget_denial(kind: str, window: str) -> None:
+    _child(BUDGET_DENIALS, kind, window).inc()
+
+
+def record_ledger_dropped(count: int) -> None:
+    LEDGER_DROPPED.inc(count)
+
+
 def record_ratelimit_denial(scope_kind: str, metric: str, window: str) -> None:
     """Count one denial; ``scope_kind`` is the scope's kind (global, provider, model, key,
     user), never its value, so the label stays bounded."""

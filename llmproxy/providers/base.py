@@ -237,6 +237,10 @@ class Dialect:
         return json.dumps(self.error_payload(status, message, code),
                           separators=(",", ":")).encode()
 
+    def quota_error_body(self, message: str) -> bytes:
+        """The 429 body this provider sends when an account's money has run out."""
+        return self.error_body(429, message, "insufficient_quota")
+
     def stream_error_event(self, message: str) -> bytes:
         """An SSE event the SDKs raise on, for a failure in the middle of a stream."""
         return b"data: " + self.error_body(502, message, "upstream_stream_error") + b"\n\n"

@@ -9,6 +9,7 @@ any chunk, the last non-null one winning; cached and reasoning tokens are parts 
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -207,6 +208,12 @@ class OpenAI(Dialect):
     def error_payload(self, status: int, message: str, code: str | None) -> object:
         kind = self.error_type(status)
         return {"error": {"message": message, "type": kind, "param": None, "code": code or kind}}
+
+    def quota_error_body(self, message: str) -> bytes:
+        # OpenAI's own answer when credit runs out: type and code both insufficient_quota.
+        return json.dumps({"error": {"message": message, "type": "insufficient_quota",
+                                     "param": None, "code": "insufficient_quota"}},
+                          separators=(",", ":")).encode()
 
 
 def _cap(value: object) -> int | None:

@@ -18,9 +18,12 @@ from typing import Any
 
 from flask import Flask, Response, g
 
+from ..budgets.model import to_usd
+from ..budgets.policy import BudgetDenial, BudgetPolicy, Unpriced
 from ..config import RateLimitSettings
 from ..errors import error_response
 from ..exchange import ErrorKind, Exchange, FinishListener
+from ..providers import DEFAULT_DIALECT, DIALECTS
 from .memory import MemoryStore
 from .policy import Denial, Limiter, Reservation
 from .store import Store, StoreError
@@ -33,6 +36,10 @@ DeniedListener = Callable[[str, str, str], None]
 BackendErrorListener = Callable[[str, str], None]
 #: ``on_evicted(count)``: counters the memory backend forgot to stay under its cap.
 EvictionListener = Callable[[int], None]
+#: ``on_budget(kind, name, window, spent_usd, remaining_usd)``: a budget as last seen.
+BudgetListener = Callable[[str, str, str, float, float], None]
+#: ``on_budget_denied(kind, window)``: a call refused for lack of budget.
+BudgetDeniedListener = Callable[[str, str], None]
 
 log = logging.getLogger("llmproxy.ratelimit")
 EXTENSION_KEY = "llmproxy.ratelimit"
@@ -40,17 +47,28 @@ WARN_EVERY = 10.0  # seconds between two warnings about the same backend failure
 
 
 def memory_worker_warning(settings: RateLimitSettings,
-                          environ: Mapping[str, str] | None = None) -> str | None:
+                          environ: Mapping[str, str] | None = None, *,
+                          budgets: bool = False) -> str | None:
     """The start-up warning for a memory backend shared by nobody, or None."""
     env = os.environ if environ is None else environ
     try:
         workers = int(env.get("WEB_CONCURRENCY", "1"))
     except ValueError:
         workers = 1
-    if settings.enabled and settings.backend == "memory" and workers > 1:
+    if settings.backend != "memory" or workers <= 1:
+        return None
+    if settings.enabled:
         return (f"rate limiting uses the memory backend with {workers} workers: each worker "
                 f"counts alone, so limits are multiplied by {workers}; use backend: redis")
+    if budgets:
+        return (f"budgets use the memory backend with {workers} workers: each worker counts "
+                f"alone, so each may spend a whole budget; use backend: redis")
     return None
+
+
+def _usd(nanos: int) -> str:
+    """A header value in USD: six decimals, the precision a person reads."""
+    return f"{to_usd(nanos):.6f}"
 
 
 def build_store(settings: RateLimitSettings,
@@ -95,8 +113,14 @@ class RateLimit:
     def __init__(self, settings: RateLimitSettings, store: Store | None = None, *,
                  on_denied: DeniedListener | None = None,
                  on_backend_error: BackendErrorListener | None = None,
-                 on_evicted: EvictionListener | None = None) -> None:
+                 on_evicted: EvictionListener | None = None,
+                 budgets: BudgetPolicy | None = None,
+                 on_budget: BudgetListener | None = None,
+                 on_budget_denied: BudgetDeniedListener | None = None) -> None:
         self.settings = settings
+        self.budgets = budgets
+        self._on_budget = on_budget
+        self._on_budget_denied = on_budget_denied
         self._on_denied = on_denied
         self._on_backend_error = on_backend_error
         self._on_evicted = on_evicted
@@ -105,15 +129,18 @@ class RateLimit:
         self._warn_evicted = _Throttled()
         self.store = store if store is not None else build_store(
             settings, self.reconcile_lost, self.counters_evicted)
-        self.limiter = Limiter(settings, self.store, self.reconcile_lost)
+        self.limiter = Limiter(settings, self.store, self.reconcile_lost, budgets=budgets)
 
     def install(self, app: Flask, on_finish: Callable[[FinishListener], Any]) -> None:
         """Hook the check, the headers and the terminal-event listener into ``app``."""
-        warning = memory_worker_warning(self.settings)
+        warning = memory_worker_warning(self.settings, budgets=self.budgets is not None)
         if warning:
             log.warning(warning)
-        log.info("rate limiting enabled: backend=%s count_tokens=%s", self.settings.backend,
-                 self.settings.count_tokens)
+        if self.settings.enabled:
+            log.info("rate limiting enabled: backend=%s count_tokens=%s",
+                     self.settings.backend, self.settings.count_tokens)
+        if self.budgets is not None:
+            log.info("budgets enabled: backend=%s", self.settings.backend)
         app.extensions[EXTENSION_KEY] = self
         app.before_request(self.check)
         app.after_request(self.add_headers)
@@ -125,18 +152,75 @@ class RateLimit:
         ex: Exchange | None = g.get("exchange")
         if ex is None:  # /health, /metrics, preflights, unknown routes: never limited
             return None
-        if ex.body_uninspected and ex.model is None and self.settings.overrides.get("model"):
+        if ex.body_uninspected and ex.model is None and (
+                (self.settings.enabled and self.settings.overrides.get("model"))
+                or self._budgeted(ex)):
             return self._uninspectable(ex)
         try:
             result = self.limiter.reserve(ex)
         except StoreError as exc:
             return self._backend_failed(ex, exc)
+        except Unpriced:
+            return self._unpriced(ex)
         if result is None:
             return None
         if isinstance(result, Denial):
             return self._deny(ex, result)
+        if isinstance(result, BudgetDenial):
+            return self._deny_budget(ex, result)
         ex.reservation = result
+        if result.budget is not None and self._on_budget is not None:
+            for fund, state in zip(result.budget.funds, result.budget.states, strict=True):
+                room = fund.spec.limit - state.spent - state.held
+                self._on_budget(fund.kind, fund.name, fund.window, to_usd(state.spent),
+                                to_usd(max(room, 0)))
         return None
+
+    def _budgeted(self, ex: Exchange) -> bool:
+        if self.budgets is None:
+            return False
+        try:
+            return bool(self.budgets.budgets_of(ex))
+        except Exception:  # the budgets cannot be read: treated as budgeted (checked later)
+            return True
+
+    def _deny_budget(self, ex: Exchange, denial: BudgetDenial) -> Response:
+        fund = denial.fund
+        if self._on_budget_denied is not None:
+            self._on_budget_denied(fund.kind, fund.window)
+        ex.error_kind = ErrorKind.BUDGET_EXCEEDED
+        ex.denial = denial
+        headers = {
+            # The OpenAI and Anthropic SDKs retry a 429 unless told not to: waiting a few
+            # seconds does not bring a spent budget back.
+            "x-should-retry": "false",
+            "X-Budget-Scope": fund.scope,
+            "X-Budget-Window": fund.window,
+            "X-Budget-Limit-USD": _usd(fund.spec.limit),
+            "X-Budget-Remaining-USD": _usd(denial.remaining),
+        }
+        if denial.wait is not None:
+            headers["Retry-After"] = str(math.ceil(denial.wait))
+        resets = {"day": " It resets at 00:00 UTC.", "month": " It resets on the 1st (UTC).",
+                  "total": ""}[fund.window]
+        message = (f"Budget exceeded: the {fund.window} budget of {fund.scope} "
+                   f"(USD {to_usd(fund.spec.limit):.2f}) has USD {to_usd(denial.remaining):.6f} "
+                   f"left, and this call may cost up to USD {to_usd(fund.spec.cost):.6f}."
+                   + resets)
+        dialect = DIALECTS.get(ex.dialect or "", DEFAULT_DIALECT)
+        body = dialect.quota_error_body(message + f" (request id {ex.request_id})")
+        resp = Response(body, status=429, content_type="application/json")
+        for name, value in headers.items():
+            resp.headers[name] = value
+        return resp
+
+    def _unpriced(self, ex: Exchange) -> Response:
+        ex.error_kind = ErrorKind.UNPRICED
+        model = (ex.model or "")[:100]
+        return error_response(ex.dialect, 403, f"The model {model} has no price in this proxy's "
+                              "pricing table, and a spend budget applies to this call "
+                              "(budgets.unpriced: deny).", request_id=ex.request_id,
+                              code="model_not_priced")
 
     def _deny(self, ex: Exchange, denial: Denial) -> Response:
         check = denial.check
@@ -165,11 +249,13 @@ class RateLimit:
         since letting it through would let any client dodge them with a padded body."""
         ex.error_kind = ErrorKind.TOO_LARGE
         return error_response(ex.dialect, 413, "Request body too large for its model to be "
-                              "checked against the per-model rate limits.",
+                              "checked against the per-model rate limits or the budgets.",
                               request_id=ex.request_id)
 
     def _backend_failed(self, ex: Exchange, exc: StoreError) -> Response | None:
         action = self.settings.redis.on_error
+        if self.budgets is not None and self._budgeted(ex):
+            action = self.budgets.settings.on_error
         self._backend_error("reserve", action)
         self._warn_reserve.warn("rate-limit backend unavailable (%s): requests are %s",
                                 exc, "let through" if action == "open" else "refused (503)")
@@ -184,7 +270,16 @@ class RateLimit:
         """IETF draft ``RateLimit-Policy``/``RateLimit`` for the tightest scope."""
         ex: Exchange | None = g.get("exchange")
         res = ex.reservation if ex is not None else None
-        if not isinstance(res, Reservation) or res.tightest is None:
+        if not isinstance(res, Reservation):
+            return response
+        tightest_fund = res.budget.tightest() if res.budget is not None else None
+        if tightest_fund is not None:
+            fund, room = tightest_fund
+            response.headers["X-Budget-Scope"] = fund.scope
+            response.headers["X-Budget-Window"] = fund.window
+            response.headers["X-Budget-Limit-USD"] = _usd(fund.spec.limit)
+            response.headers["X-Budget-Remaining-USD"] = _usd(room)
+        if res.tightest is None:
             return response
         # An upstream that sends these itself keeps its own values.
         if "RateLimit" in response.headers or "RateLimit-Policy" in response.headers:

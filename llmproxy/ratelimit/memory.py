@@ -16,7 +16,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..config import DEFAULT_MAX_COUNTERS
-from .store import Adjustment, CounterSpec, CounterState, Decision, fits, retry_after
+from .store import (
+    Adjustment,
+    BudgetSpec,
+    BudgetState,
+    CounterSpec,
+    CounterState,
+    Decision,
+    Settlement,
+    fits,
+    retry_after,
+)
 
 
 @dataclass(slots=True)
@@ -57,6 +67,26 @@ class _Counter:
         return max((next(iter(self.buckets)) + self.span) * self.granularity - now, 0.0)
 
 
+@dataclass(slots=True)
+class _Budget:
+    """Settled spend of one scope and period, and the holds of its calls in flight."""
+
+    spent: int
+    expires_at: float  # wall-clock epoch seconds; 0: never
+    held: int = 0
+    # hold id -> (amount, deadline on the store's clock). Every hold gets the same TTL, so
+    # insertion order is deadline order: expired holds are found at the front.
+    holds: OrderedDict[str, tuple[int, float]] = field(default_factory=OrderedDict)
+
+    def release_expired(self, now: float) -> None:
+        while self.holds:
+            hold_id, (amount, deadline) = next(iter(self.holds.items()))
+            if deadline > now:
+                break
+            del self.holds[hold_id]
+            self.held -= amount
+
+
 # Counters of one window length, least recently charged first. A counter's expiry time is
 # fixed by its newest bucket, so this order is also the order of expiry: the sweep drops
 # expired counters from the front and stops at the first live one.
@@ -79,6 +109,11 @@ class MemoryStore:
         self._on_evict = on_evict
         self._lock = threading.Lock()
         self._tables: dict[tuple[int, int], _Table] = {}
+        # Budget counters: one per scope with a budget and period, so few; forgotten once
+        # their period has ended (by the wall clock, as periods are calendar days).
+        self._budgets: dict[str, _Budget] = {}
+        self._wall = time.time
+        self._budget_sweep_at = 0.0
 
     def __len__(self) -> int:
         """Number of live counters (for tests and debugging)."""
@@ -136,19 +171,56 @@ class MemoryStore:
         elif newest:
             table.move_to_end(key)
 
-    def reserve(self, specs: Sequence[CounterSpec]) -> Decision:
-        decision, evicted = self._reserve(specs)
+    def reserve(self, specs: Sequence[CounterSpec], budgets: Sequence[BudgetSpec] = (),
+                hold: str = "", hold_ttl: float = 0.0) -> Decision:
+        decision, evicted = self._reserve(specs, budgets, hold, hold_ttl)
         self._evicted(evicted)  # outside the lock: the listener may log
         return decision
 
-    def _reserve(self, specs: Sequence[CounterSpec]) -> tuple[Decision, int]:
+    def _budget_counters(self, budgets: Sequence[BudgetSpec], now: float,
+                         wall: float) -> tuple[list[_Budget | None], list[int]]:
+        """The budgets' counters (seeded where a seed came), and the missing ones."""
+        if wall >= self._budget_sweep_at:  # drop the counters of ended periods
+            self._budget_sweep_at = wall + 60
+            for key in [k for k, b in self._budgets.items() if 0 < b.expires_at <= wall]:
+                del self._budgets[key]
+        found: list[_Budget | None] = []
+        missing: list[int] = []
+        for i, spec in enumerate(budgets):
+            counter = self._budgets.get(spec.key)
+            if counter is None and spec.seed is not None:
+                counter = self._budgets[spec.key] = _Budget(spec.seed, spec.expires_at)
+            if counter is None:
+                missing.append(i)
+            else:
+                counter.release_expired(now)
+            found.append(counter)
+        return found, missing
+
+    def _reserve(self, specs: Sequence[CounterSpec], budgets: Sequence[BudgetSpec],
+                 hold: str, hold_ttl: float) -> tuple[Decision, int]:
         with self._lock:
             now = self.clock()
+            wall = self._wall()
             self._sweep(now)
+            funds, missing = self._budget_counters(budgets, now, wall)
+            if missing:
+                return Decision(False, {}, [], [], missing), 0
             tables = [self._table(s.window, s.granularity) for s in specs]
             counters = [self._lookup(t, s.key, s.granularity, s.span, now)
                         for t, s in zip(tables, specs, strict=True)]
             ok = all(fits(s, c.total) for s, c in zip(specs, counters, strict=True))
+            for bspec, fund in zip(budgets, funds, strict=True):
+                assert fund is not None
+                if fund.spent + fund.held + bspec.cost > bspec.limit:
+                    ok = False
+            budget_states: list[BudgetState] = []
+            for bspec, fund in zip(budgets, funds, strict=True):
+                assert fund is not None
+                if ok and bspec.cost > 0:
+                    fund.held += bspec.cost
+                    fund.holds[hold] = (bspec.cost, now + hold_ttl)
+                budget_states.append(BudgetState(fund.spent, fund.held))
             states: list[CounterState] = []
             charged: dict[str, int] = {}
             for spec, table, counter in zip(specs, tables, counters, strict=True):
@@ -162,15 +234,25 @@ class MemoryStore:
                 elif not fits(spec, counter.total):
                     wait = retry_after(spec, counter.total, counter.buckets.items(), now)
                 states.append(CounterState(counter.total, wait, counter.reset_after(now)))
-            return Decision(ok, charged, states), self._bound() if ok else 0
+            return Decision(ok, charged, states, budget_states), self._bound() if ok else 0
 
-    def adjust(self, adjustments: Sequence[Adjustment]) -> None:
-        self._evicted(self._adjust(adjustments))
+    def adjust(self, adjustments: Sequence[Adjustment],
+               settlements: Sequence[Settlement] = ()) -> None:
+        self._evicted(self._adjust(adjustments, settlements))
 
-    def _adjust(self, adjustments: Sequence[Adjustment]) -> int:
+    def _adjust(self, adjustments: Sequence[Adjustment],
+                settlements: Sequence[Settlement] = ()) -> int:
         with self._lock:
             now = self.clock()
             self._sweep(now)
+            for settlement in settlements:
+                fund = self._budgets.get(settlement.key)
+                if fund is None:
+                    continue  # forgotten (period over): the ledger has the spend
+                held = fund.holds.pop(settlement.hold, None)
+                if held is not None:
+                    fund.held -= held[0]
+                fund.spent += settlement.amount
             for adj in adjustments:
                 if adj.delta == 0:
                     continue
@@ -193,3 +275,4 @@ class MemoryStore:
     def close(self) -> None:
         with self._lock:
             self._tables.clear()
+            self._budgets.clear()

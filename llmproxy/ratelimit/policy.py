@@ -11,13 +11,23 @@ import hashlib
 import logging
 import math
 import re
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+from ..budgets.policy import BudgetDenial, BudgetHold, BudgetPolicy, BudgetsUnavailable, Fund
 from ..config import RateLimitSettings
 from ..exchange import Exchange, Outcome, Usage
-from .store import Adjustment, CounterSpec, CounterState, Decision, Store, StoreError
+from .store import (
+    Adjustment,
+    CounterSpec,
+    CounterState,
+    Decision,
+    Settlement,
+    Store,
+    StoreError,
+)
 
 log = logging.getLogger("llmproxy.ratelimit")
 
@@ -69,6 +79,7 @@ class Reservation:
     # the tightest counter after charging: (check, remaining, seconds until usage frees up)
     tightest: tuple[Check, int, float] | None = None
     reconciled: bool = field(default=False)
+    budget: BudgetHold | None = None  # the budgets it holds, when any apply
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,10 +174,13 @@ class Limiter:
     """Reserve before forwarding, reconcile at the terminal event."""
 
     def __init__(self, settings: RateLimitSettings, store: Store,
-                 on_lost: Callable[[StoreError], None] | None = None) -> None:
+                 on_lost: Callable[[StoreError], None] | None = None, *,
+                 budgets: BudgetPolicy | None = None) -> None:
         self.settings = settings
         self.store = store
         self._on_lost = on_lost  # told of corrections the store could not take
+        self.budgets = budgets  # spend budgets, held in the same round trip as the limits
+        self.hold_ttl = budgets.settings.hold_seconds if budgets is not None else 0.0
         self._cache: dict[tuple[str, str, tuple[tuple[str, int], ...]], list[Check]] = {}
 
     def checks_for(self, ex: Exchange, tokens: int) -> list[Check]:
@@ -213,28 +227,67 @@ class Limiter:
         self._cache[(scope.kind, scope.id, own)] = templates
         return templates
 
-    def reserve(self, ex: Exchange) -> Reservation | Denial | None:
-        """Charge the request, or say why not; None when no limit applies to it.
+    def reserve(self, ex: Exchange) -> Reservation | Denial | BudgetDenial | None:
+        """Charge the request, or say why not; None when no limit or budget applies to it.
 
-        Raises :class:`~llmproxy.ratelimit.store.StoreError` when the backend fails.
+        Raises :class:`~llmproxy.ratelimit.store.StoreError` when the backend fails (or the
+        ledger, when a budget counter has to be rebuilt), and the budget policy's
+        ``Unpriced``.
         """
         input_est, output_est = estimate(self.settings, ex)
         tokens = counted(self.settings.count_tokens, input_est, output_est)
-        checks = self.checks_for(ex, tokens)
-        if not checks:
+        checks = self.checks_for(ex, tokens) if self.settings.enabled else []
+        funds: list[Fund] = []
+        rate = 0.0
+        if self.budgets is not None:
+            try:
+                funds, rate = self.budgets.funds(ex, input_est)
+            except BudgetsUnavailable as exc:
+                raise StoreError(str(exc)) from exc
+        if not checks and not funds:
             return None
-        try:
-            decision = self.store.reserve([c.spec for c in checks])
-        except StoreError as exc:
-            if exc.late is not None:
-                exc.late.then(partial(self._settle_late, ex, checks, tokens, input_est,
-                                      output_est))
-            raise
+        hold_id = secrets.token_hex(8) if funds else ""
+        specs = [c.spec for c in checks]
+        budget_specs = [f.spec for f in funds]
+        for _ in range(3):
+            try:
+                decision = self.store.reserve(specs, budget_specs, hold_id, self.hold_ttl)
+            except StoreError as exc:
+                if exc.late is not None:
+                    exc.late.then(partial(self._settle_late, ex, checks, tokens, input_est,
+                                          output_est, funds, hold_id, rate))
+                raise
+            if not decision.missing:
+                break
+            assert self.budgets is not None
+            try:  # counters lost with a restart: rebuilt from the ledger, then asked again
+                self.budgets.seed([funds[i] for i in decision.missing])
+            except BudgetsUnavailable as exc:
+                raise StoreError(str(exc)) from exc
+        else:
+            raise StoreError("budget counters could not be rebuilt")
         if not decision.allowed:
+            if funds and self.budgets is not None:
+                refused = self.budgets.denial(funds, decision.budgets)
+                if refused is not None:
+                    return refused
             return _binding(checks, decision.states)
         res = Reservation(checks, decision.bucket, tokens, input_est, output_est)
-        res.tightest = _tightest(checks, decision.states)
+        if funds:
+            res.budget = BudgetHold(hold_id, funds, decision.budgets, input_est, rate)
+        if checks:
+            res.tightest = _tightest(checks, decision.states)
         return res
+
+    @staticmethod
+    def settlements(ex: Exchange, res: Reservation) -> list[Settlement]:
+        """The holds of ``res`` replaced by what the call was charged (nothing: released)."""
+        hold = res.budget
+        if hold is None:
+            return []
+        amount = ex.charged_nanos or 0
+        return [Settlement(f.spec.key, hold.hold_id, amount, f.spec.expires_at)
+                for f in hold.funds]
 
     def adjustments(self, ex: Exchange, res: Reservation) -> list[Adjustment]:
         """Corrections that replace the reservation with what the request really used.
@@ -265,20 +318,27 @@ class Limiter:
         return out
 
     def _settle_late(self, ex: Exchange, checks: list[Check], tokens: int, input_est: int,
-                     output_est: int, decision: Decision | None) -> None:
+                     output_est: int, funds: list[Fund], hold_id: str, rate: float,
+                     decision: Decision | None) -> None:
         """A reservation that timed out was run after all, and charged its counters: a
         request refused for it (``on_error: closed``) gets it all back; one let through
         (``open``) is reconciled like any admitted request, at its end or now."""
         if decision is None or not decision.allowed:
             return  # never ran, or refused: nothing was charged
         res = Reservation(checks, decision.bucket, tokens, input_est, output_est)
+        if funds:
+            res.budget = BudgetHold(hold_id, funds, decision.budgets, input_est, rate)
+        on_error = self.settings.redis.on_error
+        if funds and self.budgets is not None:
+            on_error = self.budgets.settings.on_error
         try:
-            if self.settings.redis.on_error == "closed":
+            if on_error == "closed":
                 res.reconciled = True
                 self.store.adjust([
                     Adjustment(c.spec.key, decision.bucket[c.spec.key], -c.spec.cost,
                                c.spec.window, c.spec.granularity)
-                    for c in checks if c.spec.cost and c.spec.key in decision.bucket])
+                    for c in checks if c.spec.cost and c.spec.key in decision.bucket],
+                    [Settlement(f.spec.key, hold_id, 0, f.spec.expires_at) for f in funds])
                 return
             ex.reservation = res
             if ex.finished:  # its terminal event found no reservation to reconcile
@@ -294,9 +354,10 @@ class Limiter:
         if res.reconciled:
             return
         res.reconciled = True
-        adjustments = self.adjustments(ex, res)
-        if adjustments:
-            self.store.adjust(adjustments)
+        adjustments = self.adjustments(ex, res) if res.checks else []
+        settlements = self.settlements(ex, res)
+        if adjustments or settlements:
+            self.store.adjust(adjustments, settlements)
 
 
 def _binding(checks: list[Check], states: list[CounterState]) -> Denial:

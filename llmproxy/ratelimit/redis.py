@@ -25,7 +25,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..socketpoll import connected_now, readable_now
-from .store import Adjustment, CounterSpec, CounterState, Decision, StoreError
+from .store import (
+    Adjustment,
+    BudgetSpec,
+    BudgetState,
+    CounterSpec,
+    CounterState,
+    Decision,
+    Settlement,
+    StoreError,
+)
 
 HASH_TAG = "{rl}"
 #: How long the reply to a reservation that timed out is still awaited (by a greenlet of its
@@ -44,7 +53,7 @@ def _script_text(name: str) -> str:
     """A Lua script with the shared functions prepended (scripts cannot import)."""
     files = resources.files(__package__)
     return "\n".join(files.joinpath(n).read_text(encoding="utf-8")
-                     for n in ("clock.lua", "adjust.lua", name))
+                     for n in ("clock.lua", "adjust.lua", "budget.lua", name))
 
 
 class _PatientSocket:
@@ -286,8 +295,10 @@ def connect(url: str, timeout_ms: int,
     return redis.Redis(connection_pool=pool)
 
 
-def _decision(specs: Sequence[CounterSpec], reply: Any) -> Decision:
+def _decision(specs: Sequence[CounterSpec], reply: Any, budgets: int = 0) -> Decision:
     """reserve.lua's reply as a :class:`Decision`."""
+    if int(reply[0]) < 0:  # budget counters missing: indexes are 1-based
+        return Decision(False, {}, [], [], [int(k) - 1 for k in reply[2:]])
     allowed = bool(int(reply[0]))
     charged: dict[str, int] = {}
     states: list[CounterState] = []
@@ -296,20 +307,24 @@ def _decision(specs: Sequence[CounterSpec], reply: Any) -> Decision:
         if allowed:
             charged[spec.key] = bucket
         states.append(CounterState(used, None if retry < 0 else retry / 1000, reset / 1000))
-    return Decision(allowed, charged, states)
+    first = 2 + 4 * len(specs)
+    funds = [BudgetState(int(reply[first + 2 * k]), int(reply[first + 2 * k + 1]))
+             for k in range(budgets)]
+    return Decision(allowed, charged, states, funds)
 
 
 class _LateDecision:
     """A :class:`~.store.LateDecision` from the late reply of a reservation."""
 
-    def __init__(self, late: _LateReply, specs: Sequence[CounterSpec]) -> None:
+    def __init__(self, late: _LateReply, specs: Sequence[CounterSpec], budgets: int) -> None:
         self._late = late
         self._specs = list(specs)
+        self._budgets = budgets
 
     def then(self, callback: Callable[[Decision | None], None]) -> None:
         def convert(raw: Any) -> None:
             try:
-                decision = None if raw is None else _decision(self._specs, raw)
+                decision = None if raw is None else _decision(self._specs, raw, self._budgets)
             except (TypeError, ValueError, LookupError):  # not reserve.lua's reply
                 decision = None
             callback(decision)
@@ -339,6 +354,7 @@ class RedisStore:
         self._reserve = client.register_script(_script_text("reserve.lua"))
         self._reconcile = client.register_script(_script_text("reconcile.lua"))
         self._pending: _Pending = {}
+        self._settling: list[Settlement] = []  # budget settlements queued like _pending
         self._timer: threading.Timer | None = None
         # Guards _pending and _timer; nothing inside it does I/O or waits, so it never yields
         # to gevent.
@@ -363,12 +379,18 @@ class RedisStore:
         except redis.RedisError as exc:  # the message may name the URL (a password): not kept
             raise StoreError(type(exc).__name__) from None
 
-    def reserve(self, specs: Sequence[CounterSpec]) -> Decision:
+    def reserve(self, specs: Sequence[CounterSpec], budgets: Sequence[BudgetSpec] = (),
+                hold: str = "", hold_ttl: float = 0.0) -> Decision:
         keys = [self.prefix + s.key for s in specs]
-        args: list[str | int] = [self._now_arg(), len(specs)]
+        carried, settling = self._take_pending()
+        args: list[str | int] = [self._now_arg(), len(specs), len(budgets), hold,
+                                 int(hold_ttl * 1000), len(settling)]
         for s in specs:
             args += [s.limit, s.cost, s.need, s.granularity * 1000, s.span, int(s.optimistic)]
-        carried = self._take_pending()
+        for b in budgets:
+            keys += [self.prefix + b.key, self.prefix + b.key + ":z"]
+            args += [b.limit, b.cost, b.expires_at * 1000, "" if b.seed is None else b.seed]
+        self._add_settlements(keys, args, settling)
         if carried:
             self._add_corrections(keys, args, carried)
         _late_call.wanted, _late_call.reply = True, None
@@ -377,8 +399,8 @@ class RedisStore:
         except StoreError as exc:
             late: _LateReply | None = _late_call.reply
             if late is not None:
-                exc.late = _LateDecision(late, specs)
-            if carried:
+                exc.late = _LateDecision(late, specs, len(budgets))
+            if carried or settling:
                 if late is None:
                     self._lost(exc)
                 else:  # the script may still run, and apply them
@@ -386,25 +408,29 @@ class RedisStore:
             raise
         finally:
             _late_call.wanted, _late_call.reply = False, None
-        return _decision(specs, reply)
+        return _decision(specs, reply, len(budgets))
 
-    def adjust(self, adjustments: Sequence[Adjustment]) -> None:
-        """Apply corrections now, or (``reconcile_delay`` > 0) queue them; see the module doc."""
+    def adjust(self, adjustments: Sequence[Adjustment],
+               settlements: Sequence[Settlement] = ()) -> None:
+        """Apply corrections and settlements now, or (``reconcile_delay`` > 0) queue them
+        for the next reservation or the timer; see the module doc. A queued settlement keeps
+        its hold a little longer, which only makes its budget look poorer meanwhile."""
         todo: _Pending = {}
         for a in adjustments:
             if a.delta:
                 k = (a.key, a.bucket, a.granularity, a.span, a.delta < 0)
                 todo[k] = todo.get(k, 0) + a.delta
-        if not todo:
+        if not todo and not settlements:
             return
         if self.reconcile_delay <= 0:
-            self._send(todo)
+            self._send(todo, settlements)
             return
         timer: threading.Timer | None = None
         with self._lock:
             pending = self._pending
             for k, delta in todo.items():
                 pending[k] = pending.get(k, 0) + delta
+            self._settling.extend(settlements)
             if self._timer is None:
                 # One timer at a time, never cancelled: a busy worker starts at most one per
                 # delay, and a timer that finds nothing left to send just ends.
@@ -426,27 +452,35 @@ class RedisStore:
 
     def flush(self) -> None:
         """Send the queued corrections now (the timer, worker exit, tests)."""
-        pending = self._take_pending()
-        if not pending:
+        pending, settling = self._take_pending()
+        if not pending and not settling:
             return
         try:
-            self._send(pending)
+            self._send(pending, settling)
         except StoreError as exc:
             self._lost(exc)
 
-    def _take_pending(self) -> _Pending:
+    def _take_pending(self) -> tuple[_Pending, list[Settlement]]:
         with self._lock:
             pending, self._pending = self._pending, {}
-        return pending
+            settling, self._settling = self._settling, []
+        return pending, settling
+
+    def _add_settlements(self, keys: list[str], args: list[str | int],
+                         settlements: Sequence[Settlement]) -> None:
+        for st in settlements:
+            keys += [self.prefix + st.key, self.prefix + st.key + ":z"]
+            args += [st.hold, st.amount, st.expires_at * 1000]
 
     def _add_corrections(self, keys: list[str], args: list[str | int], todo: _Pending) -> None:
         for (key, bucket, granularity, span, _), delta in todo.items():
             keys.append(self.prefix + key)
             args += [bucket, delta, granularity * 1000, span]
 
-    def _send(self, todo: _Pending) -> None:
+    def _send(self, todo: _Pending, settlements: Sequence[Settlement] = ()) -> None:
         keys: list[str] = []
-        args: list[str | int] = [self._now_arg()]
+        args: list[str | int] = [self._now_arg(), len(settlements)]
+        self._add_settlements(keys, args, settlements)
         self._add_corrections(keys, args, todo)
         self._run(self._reconcile, keys, args)
 

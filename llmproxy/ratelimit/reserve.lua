@@ -4,12 +4,18 @@
 --
 -- KEYS[1..n]  one hash per counter: field "t" = total in the window, "o" = oldest bucket
 --             index, "<bucket index>" = amount charged in that bucket.
--- KEYS[n+1..] counters to correct
+-- KEYS[n+1..n+2m]  per budget: its hash and its holds' sorted set (see budget.lua)
+-- KEYS[n+2m+1..n+2m+2s]  the same for each budget settlement carried along
+-- KEYS[n+2m+2s+1..] counters to correct
 -- ARGV[1]  now in milliseconds, or "" to use the Redis server clock (shared by every host)
--- ARGV[2]  n
--- ARGV[2 + 6(i-1) + 1..6]  limit, cost, need, granularity_ms, span, optimistic (0|1)
--- ARGV[2 + 6n + 4(j-1) + 1..4]  bucket, delta, granularity_ms, span of correction j
--- Returns {allowed (0|1), now_ms, then per counter: bucket, used, retry_ms (-1 = fits), reset_ms}
+-- ARGV[2]  n;  ARGV[3]  m;  ARGV[4]  hold id;  ARGV[5]  hold TTL in milliseconds;  ARGV[6]  s
+-- ARGV[6 + 6(i-1) + 1..6]  limit, cost, need, granularity_ms, span, optimistic (0|1)
+-- ARGV[6 + 6n + 4(k-1) + 1..4]  limit, cost, expires_ms (0 = never), seed ("" = none)
+-- ARGV[6 + 6n + 4m + 3(l-1) + 1..3]  hold id, amount, expires_ms of settlement l
+-- ARGV[6 + 6n + 4m + 3s + 4(j-1) + 1..4]  bucket, delta, granularity_ms, span of correction j
+-- Returns {allowed (0|1), now_ms, then per counter: bucket, used, retry_ms (-1 = fits),
+-- reset_ms, then per budget: spent, held}; or {-1, now_ms, k...} when budget counters k are
+-- missing and came without a seed (nothing charged: the caller reads the ledger and retries).
 -- All times are integers in milliseconds; bucket b counts until (b + span) * granularity_ms.
 
 -- Drop the buckets that left the window; return total and the sorted remaining buckets
@@ -78,12 +84,49 @@ local function retry_ms(key, used, limit, need, g, span, optimistic, now)
 end
 
 local now = clock(ARGV[1])
-local n = tonumber(ARGV[2])
-adjust(now, n + 1, #KEYS - n, 2 + 6 * n)
+local n, m = tonumber(ARGV[2]), tonumber(ARGV[3])
+local hold, hold_ttl, s = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local budget_args = 6 + 6 * n
+local settle_args = budget_args + 4 * m
+for l = 1, s do
+  local a = settle_args + 3 * (l - 1)
+  settle(KEYS[n + 2 * m + 2 * l - 1], KEYS[n + 2 * m + 2 * l], ARGV[a + 1], ARGV[a + 2],
+         tonumber(ARGV[a + 3]))
+end
+adjust(now, n + 2 * m + 2 * s + 1, #KEYS - n - 2 * m - 2 * s, settle_args + 3 * s)
+
+local missing = {-1, now}
+for k = 1, m do
+  local key = KEYS[n + 2 * k - 1]
+  if redis.call('HEXISTS', key, 's') == 0 then
+    local seed = ARGV[budget_args + 4 * (k - 1) + 4]
+    if seed == '' then
+      missing[#missing + 1] = k
+    else
+      redis.call('HSET', key, 's', seed)
+      keep_until(key, KEYS[n + 2 * k], tonumber(ARGV[budget_args + 4 * (k - 1) + 3]))
+    end
+  end
+end
+if #missing > 2 then
+  return missing
+end
+
 local params, used, oldest = {}, {}, {}
 local allowed = true
+local spent, held = {}, {}
+for k = 1, m do
+  local key, zkey = KEYS[n + 2 * k - 1], KEYS[n + 2 * k]
+  local a = budget_args + 4 * (k - 1)
+  release_expired(key, zkey, now)
+  spent[k] = tonumber(redis.call('HGET', key, 's')) or 0
+  held[k] = tonumber(redis.call('HGET', key, 'h')) or 0
+  if spent[k] + held[k] + tonumber(ARGV[a + 2]) > tonumber(ARGV[a + 1]) then
+    allowed = false
+  end
+end
 for i = 1, n do
-  local a = 2 + (i - 1) * 6
+  local a = 6 + (i - 1) * 6
   local p = {
     limit = tonumber(ARGV[a + 1]), cost = tonumber(ARGV[a + 2]), need = tonumber(ARGV[a + 3]),
     g = tonumber(ARGV[a + 4]), span = tonumber(ARGV[a + 5]), optimistic = tonumber(ARGV[a + 6]),
@@ -121,5 +164,18 @@ for i = 1, n do
   out[#out + 1] = used[i]
   out[#out + 1] = retry
   out[#out + 1] = reset
+end
+for k = 1, m do
+  local key, zkey = KEYS[n + 2 * k - 1], KEYS[n + 2 * k]
+  local a = budget_args + 4 * (k - 1)
+  local cost = ARGV[a + 2]
+  if allowed and tonumber(cost) > 0 then
+    redis.call('HSET', key, 'h:' .. hold, cost)
+    held[k] = redis.call('HINCRBY', key, 'h', cost)
+    redis.call('ZADD', zkey, now + hold_ttl, hold)
+    keep_until(key, zkey, tonumber(ARGV[a + 3]))
+  end
+  out[#out + 1] = spent[k]
+  out[#out + 1] = held[k]
 end
 return out

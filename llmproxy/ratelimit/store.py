@@ -12,8 +12,13 @@ longer than strictly necessary.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+from ..budgets.model import BudgetSpec, BudgetState, Settlement
+
+__all__ = ["Adjustment", "BudgetSpec", "BudgetState", "CounterSpec", "CounterState", "Decision",
+           "LateDecision", "Settlement", "Store", "StoreError", "fits", "retry_after"]
 
 # The records below are built several times per request and never changed afterwards. They
 # are plain slotted dataclasses rather than frozen ones because a frozen dataclass's
@@ -68,6 +73,10 @@ class Decision:
     allowed: bool
     bucket: dict[str, int]  # counter key -> bucket index charged (only when allowed)
     states: list[CounterState]  # same order as the specs
+    budgets: list[BudgetState] = field(default_factory=list)  # same order as the budgets
+    # Indexes of budgets whose counter is missing and came without a seed: nothing was
+    # charged; the caller reads their spend from the ledger and asks again with seeds.
+    missing: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -88,11 +97,21 @@ class Adjustment:
 class Store(Protocol):
     """Atomic check-and-charge over many counters, and later corrections."""
 
-    def reserve(self, specs: Sequence[CounterSpec]) -> Decision:
-        """Charge every counter if every one has room; otherwise charge none."""
+    def reserve(self, specs: Sequence[CounterSpec], budgets: Sequence[BudgetSpec] = (),
+                hold: str = "", hold_ttl: float = 0.0) -> Decision:
+        """Charge every counter and hold every budget if all have room; otherwise none.
 
-    def adjust(self, adjustments: Sequence[Adjustment]) -> None:
-        """Apply reconciliation deltas (negative = refund)."""
+        ``hold`` names the budget holds (unique per reservation); each is released after
+        ``hold_ttl`` seconds unless settled before.
+        """
+
+    def adjust(self, adjustments: Sequence[Adjustment],
+               settlements: Sequence[Settlement] = ()) -> None:
+        """Apply reconciliation deltas (negative = refund) and settle budget holds.
+
+        A settlement for a counter that is missing (the store restarted since) is dropped:
+        the ledger has the spend, and the counter is rebuilt from it.
+        """
 
     def ping(self) -> None:
         """Raise :class:`StoreError` unless the store answers now (readiness)."""

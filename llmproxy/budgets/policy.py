@@ -1,0 +1,300 @@
+"""Which budgets a call answers to, what to hold for it, and what it finally costs.
+
+Independent of Flask and of the store: the rate limiter's :class:`~llmproxy.ratelimit.policy.
+Limiter` asks :meth:`BudgetPolicy.funds` for the budget counters of a call and sends them to
+the store in the same round trip as its rate-limit counters. A call holds its maximum cost
+(input estimate priced at the dearest input rate, plus its output cap or
+``default_output_tokens``); at its end the hold is replaced by :meth:`BudgetPolicy.charge`,
+the real cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+
+from ..config import BudgetSettings
+from ..exchange import Exchange, Outcome
+from ..pricing import PricingTable
+from .model import (
+    WINDOWS,
+    Budget,
+    BudgetSpec,
+    BudgetState,
+    SpendRow,
+    period_end,
+    period_id,
+    period_start,
+)
+
+log = logging.getLogger("llmproxy.budgets")
+
+#: Counters of a period are kept this long after it ended (late settlements still land).
+KEEP_AFTER_PERIOD = 86400
+_CUT_SHORT = (Outcome.CLIENT_ABORTED, Outcome.SHUTDOWN)
+# USD per million tokens -> nano-dollars per token: * 1e9 / 1e6.
+_NANOS_PER_PRICE_UNIT = 1000
+
+#: Loads every user and team budget: ``{(kind, name): Budget}``.
+BudgetLoader = Callable[[], dict[tuple[str, str], Budget]]
+#: Spend in the ledger, in nano-dollars, of a scope since a day (None: ever).
+LedgerReader = Callable[[str, str, "date | None"], int]
+
+
+class BudgetsUnavailable(Exception):
+    """Budgets cannot be checked now (the database is down and nothing is cached)."""
+
+
+class Unpriced(Exception):
+    """A budget applies to the call, and its model has no price (``unpriced: deny``)."""
+
+
+class BudgetBook:
+    """The user and team budgets, loaded whole and reloaded every ``refresh`` seconds.
+
+    The table is small (one row per user or team with a budget), so a worker keeps all of
+    it: the request path reads a dict. A reload runs in the background; while the database
+    is down the last table stays in use.
+    """
+
+    def __init__(self, load: BudgetLoader, refresh: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._load = load
+        self._refresh = refresh
+        self._clock = clock
+        self._table: dict[tuple[str, str], Budget] | None = None
+        self._next = 0.0
+        self._loading = False
+        self._lock = threading.Lock()
+
+    def get(self, kind: str, name: str) -> Budget | None:
+        table = self._table
+        if table is None:
+            table = self._reload()  # the first call waits: nothing to answer with yet
+        elif self._clock() >= self._next:
+            self._reload_in_background()
+        return table.get((kind, name))
+
+    def _reload(self) -> dict[tuple[str, str], Budget]:
+        try:
+            table = self._load()
+        except Exception as exc:
+            self._next = self._clock() + 1.0
+            if self._table is not None:
+                log.warning("reloading budgets failed (%s): the last ones stay in use", exc)
+                return self._table
+            raise BudgetsUnavailable(str(exc)) from exc
+        self._table, self._next = table, self._clock() + self._refresh
+        return table
+
+    def _reload_in_background(self) -> None:
+        with self._lock:
+            if self._loading:
+                return
+            self._loading = True
+            self._next = self._clock() + self._refresh
+
+        def run() -> None:
+            try:
+                self._reload()
+            except BudgetsUnavailable:
+                pass  # logged by _reload; the old table stays
+            finally:
+                self._loading = False
+
+        threading.Thread(target=run, name="budget-reload", daemon=True).start()
+
+    def invalidate(self) -> None:
+        """Reload at the next lookup (tests, admin changes made in this process)."""
+        self._next = 0.0
+
+
+@dataclass(slots=True)
+class Fund:
+    """One budget counter a call answers to."""
+
+    kind: str  # key | user | team
+    name: str
+    window: str  # day | month | total
+    period_start: date | None  # first day of the period, for the ledger; None: ever
+    period_end: float  # epoch seconds when the period ends; 0: never
+    spec: BudgetSpec
+
+    @property
+    def scope(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+@dataclass(slots=True)
+class BudgetHold:
+    """What a call holds: kept on the rate limiter's Reservation until it settles."""
+
+    hold_id: str
+    funds: list[Fund]
+    states: list[BudgetState]  # after holding
+    input_tokens: int  # the input estimate the hold was priced from
+    input_rate: float  # USD per million input tokens used for the hold
+
+    def tightest(self) -> tuple[Fund, int] | None:
+        """The fund with the least room left after this hold, and that room (nanos)."""
+        best: tuple[Fund, int] | None = None
+        for fund, state in zip(self.funds, self.states, strict=True):
+            room = max(fund.spec.limit - state.spent - state.held, 0)
+            if best is None or room < best[1]:
+                best = (fund, room)
+        return best
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetDenial:
+    """The budget that has no room for the call."""
+
+    fund: Fund
+    spent: int
+    held: int
+    wait: float | None  # seconds until the period resets; None: never (total)
+
+    @property
+    def remaining(self) -> int:
+        return max(self.fund.spec.limit - self.spent - self.held, 0)
+
+
+class BudgetPolicy:
+    """Budgets of a call, its hold, and its final charge."""
+
+    def __init__(self, settings: BudgetSettings, pricing: PricingTable, book: BudgetBook,
+                 ledger_spent: LedgerReader,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.pricing = pricing
+        self.book = book
+        self._ledger_spent = ledger_spent
+        self.clock = clock
+
+    def budgets_of(self, ex: Exchange) -> list[tuple[str, str, Budget]]:
+        """(kind, name, budget) of every scope of the call that has a budget."""
+        out: list[tuple[str, str, Budget]] = []
+        if ex.key_id and isinstance(ex.key_budget, Budget):
+            out.append(("key", ex.key_id, ex.key_budget))
+        for kind, name in (("user", ex.user), ("team", ex.team)):
+            if name:
+                budget = self.book.get(kind, name)
+                if budget is not None:
+                    out.append((kind, name, budget))
+        return out
+
+    def funds(self, ex: Exchange, input_tokens: int) -> tuple[list[Fund], float]:
+        """The call's budget counters, each to hold its maximum cost; and the input rate.
+
+        Raises :class:`Unpriced` (the model has no price and ``unpriced`` is deny) and
+        :class:`BudgetsUnavailable`. A call whose model is unknown holds nothing: it is
+        charged what it is seen to cost at its end.
+        """
+        scopes = self.budgets_of(ex)
+        if not scopes:
+            return [], 0.0
+        cost, input_rate = 0, 0.0
+        if ex.model is not None:
+            price = self.pricing.lookup(ex.provider, ex.model)
+            if price is None:
+                if self.settings.unpriced == "deny":
+                    raise Unpriced(ex.model)
+            else:
+                rates = price.rates_for(input_tokens)
+                input_rate = max(rates.input, rates.cache_write)
+                cap = getattr(ex.request_info, "max_output_tokens", None)
+                output = cap if isinstance(cap, int) and cap > 0 \
+                    else self.settings.default_output_tokens
+                cost = math.ceil((input_tokens * input_rate + output * rates.output)
+                                 * _NANOS_PER_PRICE_UNIT)
+        now = datetime.fromtimestamp(self.clock(), timezone.utc)
+        today = now.date()
+        funds: list[Fund] = []
+        for kind, name, budget in scopes:
+            for window in WINDOWS:
+                limit = budget.limit(window)
+                if limit is None:
+                    continue
+                end = period_end(window, now)
+                end_s = int(end.timestamp()) if end is not None else 0
+                spec = BudgetSpec(
+                    key=f"budget:{kind}:{name}:{window}:{period_id(window, today)}",
+                    limit=round(limit * 1_000_000_000), cost=cost,
+                    expires_at=end_s + KEEP_AFTER_PERIOD if end_s else 0)
+                funds.append(Fund(kind, name, window, period_start(window, today),
+                                  float(end_s), spec))
+        return funds, input_rate
+
+    def seed(self, funds: list[Fund]) -> None:
+        """Rebuild missing counters from the ledger (after a restart of Redis or the proxy).
+
+        Raises :class:`BudgetsUnavailable` when the ledger cannot be read.
+        """
+        for fund in funds:
+            try:
+                fund.spec.seed = self._ledger_spent(fund.kind, fund.name, fund.period_start)
+            except Exception as exc:
+                raise BudgetsUnavailable(f"ledger unreadable: {exc}") from exc
+
+    def denial(self, funds: list[Fund], states: list[BudgetState]) -> BudgetDenial | None:
+        """The fund that refused the call (the one that frees up last), if any did."""
+        now = self.clock()
+        worst: BudgetDenial | None = None
+        for fund, state in zip(funds, states, strict=True):
+            if state.spent + state.held + fund.spec.cost <= fund.spec.limit:
+                continue
+            wait = max(fund.period_end - now, 1.0) if fund.period_end else None
+            if worst is None or worst.wait is not None and (wait is None or wait > worst.wait):
+                worst = BudgetDenial(fund, state.spent, state.held, wait)
+        return worst
+
+    def charge(self, ex: Exchange) -> None:
+        """Terminal-event listener (after pricing): ``ex.charged_nanos``, the real cost.
+
+        A call the provider answered is charged its priced usage; a stream cut short (or one
+        whose final usage never came) pays at least its input estimate and the output it
+        relayed; a call that failed before the provider consumed anything pays nothing.
+        """
+        if ex.dialect is None:
+            return
+        hold = getattr(ex.reservation, "budget", None)
+        input_tokens = hold.input_tokens if isinstance(hold, BudgetHold) else 0
+        input_rate = hold.input_rate if isinstance(hold, BudgetHold) else 0.0
+        usage = ex.meta.usage
+        unreported_input = usage.input_tokens is None and usage.total_tokens is None
+        nanos = 0
+        if ex.cost_usd is not None:
+            nanos = round(ex.cost_usd * 1_000_000_000)
+            if unreported_input and ex.cost_usd > 0:
+                nanos += math.ceil(input_tokens * input_rate * _NANOS_PER_PRICE_UNIT)
+        elif ex.outcome in _CUT_SHORT and ex.status is not None and ex.status < 400:
+            nanos = math.ceil(input_tokens * input_rate * _NANOS_PER_PRICE_UNIT)
+        ex.charged_nanos = nanos
+
+
+def spend_row(ex: Exchange) -> SpendRow | None:
+    """The ledger's row for a finished call (after :meth:`BudgetPolicy.charge`), or None.
+
+    Every provider call that was sent upstream is counted, priced or not; calls the proxy
+    refused before forwarding are not spend.
+    """
+    if ex.dialect is None or ex.upstream_status is None and not ex.charged_nanos:
+        return None
+    usage = ex.meta.usage
+    day = datetime.fromtimestamp(ex.started_wall + (ex.duration or 0.0), timezone.utc).date()
+    output = usage.output_tokens or 0
+    if usage.input_tokens is not None:
+        input_tokens = usage.input_tokens
+    elif usage.total_tokens is not None:
+        input_tokens = max(usage.total_tokens - output, 0)
+    else:
+        input_tokens = 0
+    return SpendRow(day=day, key_id=ex.key_id or "", user=(ex.user or "")[:200],
+                    team=ex.team or "", model=(ex.meta.model or ex.model or "")[:200],
+                    provider=ex.provider or "", cost_nanos=ex.charged_nanos or 0, requests=1,
+                    input_tokens=input_tokens, output_tokens=output)

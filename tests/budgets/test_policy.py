@@ -1,0 +1,154 @@
+"""The budget policy without a server: which budgets apply, holds, denials and charges."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+from typing import Any
+
+import pytest
+
+from llmproxy.budgets.model import Budget, BudgetState
+from llmproxy.budgets.policy import (
+    BudgetBook,
+    BudgetPolicy,
+    BudgetsUnavailable,
+    Unpriced,
+    spend_row,
+)
+from llmproxy.budgets.policy import BudgetHold as Hold
+from llmproxy.config import parse_budgets, parse_pricing
+from llmproxy.exchange import Exchange, Outcome, RequestInfo
+from llmproxy.pricing import PricingTable
+
+# 2026-12-31 23:59:00 UTC: a day and a month end a minute later
+NOW = datetime(2026, 12, 31, 23, 59, tzinfo=timezone.utc).timestamp()
+PRICES = {"openai": {"models": {"m1": {"input": 2.0, "output": 10.0}}}}
+
+
+def policy(budgets: dict[tuple[str, str], Budget] | None = None, **settings: Any
+           ) -> BudgetPolicy:
+    table = budgets or {}
+    return BudgetPolicy(parse_budgets({"budgets": {"enabled": True, **settings}}),
+                        PricingTable(parse_pricing({"pricing": PRICES})),
+                        BudgetBook(lambda: dict(table), 60), lambda *_: 0, clock=lambda: NOW)
+
+
+def exchange(model: str | None = "m1", max_output: int | None = None) -> Exchange:
+    ex = Exchange("rid", "POST", "/x", provider="openai", dialect="openai", model=model,
+                  user="alice", key_id="key_0123456789abcdef", team="red")
+    ex.key_budget = Budget(day=1.0)
+    ex.request_info = RequestInfo(model=model, max_output_tokens=max_output)
+    return ex
+
+
+def test_every_scope_with_a_budget_holds_the_maximum_cost_in_each_window() -> None:
+    p = policy({("user", "alice"): Budget(month=5.0, total=50.0),
+                ("team", "red"): Budget(day=2.0), ("team", "blue"): Budget(day=1.0)})
+    funds, rate = p.funds(exchange(max_output=100), input_tokens=1000)
+    assert [(f.scope, f.window) for f in funds] == [
+        ("key:key_0123456789abcdef", "day"), ("user:alice", "month"),
+        ("user:alice", "total"), ("team:red", "day")]
+    # 1000 input tokens at $2/M + 100 output tokens at $10/M = $0.003
+    assert {f.spec.cost for f in funds} == {3_000_000}
+    assert rate == 2.0
+    assert funds[0].spec.limit == 1_000_000_000
+    assert funds[0].spec.key.endswith(":day:20261231")
+    assert funds[1].spec.key.endswith(":month:202612") and funds[2].spec.key.endswith(":all")
+    assert funds[0].period_start == date(2026, 12, 31)
+    assert funds[1].period_start == date(2026, 12, 1) and funds[2].period_start is None
+    assert funds[2].spec.expires_at == 0  # a total never expires
+
+
+def test_without_an_output_cap_the_default_output_is_held() -> None:
+    funds, _ = policy(default_output_tokens=1000).funds(exchange(), input_tokens=0)
+    assert funds[0].spec.cost == 10_000_000  # 1000 tokens at $10/M
+
+
+def test_no_budget_no_funds() -> None:
+    ex = exchange()
+    ex.key_budget = None
+    assert policy().funds(ex, 10) == ([], 0.0)
+
+
+def test_an_unpriced_model_is_refused_or_let_through() -> None:
+    with pytest.raises(Unpriced):
+        policy().funds(exchange(model="mystery"), 10)
+    funds, _ = policy(unpriced="allow").funds(exchange(model="mystery"), 10)
+    assert funds and funds[0].spec.cost == 0
+
+
+def test_a_call_without_a_model_holds_nothing_but_is_still_charged_later() -> None:
+    funds, _ = policy().funds(exchange(model=None), 10)
+    assert funds and all(f.spec.cost == 0 for f in funds)
+
+
+def test_the_refusing_fund_that_resets_last_is_named() -> None:
+    p = policy({("user", "alice"): Budget(total=0.001)})
+    funds, _ = p.funds(exchange(max_output=1), input_tokens=10)
+    states = [BudgetState(spent=999_999_000, held=0), BudgetState(spent=0, held=0)]
+    denial = p.denial(funds, states)
+    assert denial is not None and denial.fund.scope == "key:key_0123456789abcdef"
+    assert denial.wait == 60.0  # a minute to midnight
+    assert denial.remaining == 1_000
+    states[1] = BudgetState(spent=0, held=990_000)  # both refuse now: the total never resets
+    total = p.denial(funds, states)
+    assert total is not None and total.fund.window == "total" and total.wait is None
+
+
+def test_charge_is_the_priced_usage_and_an_aborted_stream_pays_its_input() -> None:
+    p = policy()
+    ex = exchange()
+    funds, rate = p.funds(ex, input_tokens=500)
+    ex.reservation = type("R", (), {"budget": Hold("h", funds, [], 500, rate)})()
+    ex.cost_usd = 0.0012
+    ex.meta.usage.input_tokens, ex.meta.usage.output_tokens = 100, 100
+    p.charge(ex)
+    assert ex.charged_nanos == 1_200_000
+    # a stream whose usage never came: output estimated, input from the estimate
+    ex.meta.usage.input_tokens = None
+    ex.cost_usd = 0.001  # the estimated output alone
+    p.charge(ex)
+    assert ex.charged_nanos == 1_000_000 + 1_000_000  # + 500 tokens at $2/M
+    # cut short before anything came back: the input estimate
+    ex.cost_usd, ex.outcome, ex.status = None, Outcome.CLIENT_ABORTED, 200
+    p.charge(ex)
+    assert ex.charged_nanos == 1_000_000
+    # an error answer consumed nothing
+    ex.outcome, ex.status = Outcome.COMPLETED, 400
+    p.charge(ex)
+    assert ex.charged_nanos == 0
+
+
+def test_spend_row_names_every_identity() -> None:
+    ex = exchange()
+    ex.upstream_status, ex.charged_nanos = 200, 42
+    ex.meta.usage.input_tokens, ex.meta.usage.output_tokens = 7, 3
+    row = spend_row(ex)
+    assert row is not None
+    assert (row.key_id, row.user, row.team, row.model, row.provider) == (
+        "key_0123456789abcdef", "alice", "red", "m1", "openai")
+    assert (row.cost_nanos, row.requests, row.input_tokens, row.output_tokens) == (42, 1, 7, 3)
+    refused = exchange()  # never forwarded, nothing charged: not spend
+    assert spend_row(refused) is None
+
+
+def test_the_book_waits_for_its_first_load_and_keeps_the_last_one_on_failure() -> None:
+    calls: list[int] = []
+    now = [0.0]
+
+    def load() -> dict[tuple[str, str], Budget]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("database down")
+        if len(calls) > 2:
+            raise OSError("down again")
+        return {("user", "alice"): Budget(day=1.0)}
+
+    book = BudgetBook(load, 5.0, clock=lambda: now[0])
+    with pytest.raises(BudgetsUnavailable):
+        book.get("user", "alice")
+    now[0] = 2.0
+    assert book.get("user", "alice") == Budget(day=1.0)
+    now[0] = 10.0
+    book._reload()  # noqa: SLF001 - the background reload's body, run here to be awaited
+    assert book.get("user", "alice") == Budget(day=1.0)
