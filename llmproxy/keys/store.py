@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import builtins
 import logging
+import sqlite3
 import ssl
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
@@ -122,15 +124,38 @@ def _sqlite_engine(url: URL, timeout: float) -> Engine:
         # late and never before DDL, which would leave the migration unprotected.
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
-        if not memory:
-            cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
-        cursor.close()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+            if not memory:
+                _switch_to_wal(cursor)
+        finally:
+            cursor.close()
 
     # A writer takes the write lock at BEGIN: two writers then queue on busy_timeout
     # instead of one failing when it upgrades a read lock.
     _begin_writes_only(engine, "BEGIN IMMEDIATE")
     return engine
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another process holds the database.
+
+    The switch needs an exclusive lock, taken after a shared one: when several processes
+    open a new file at once, SQLite answers "database is locked" at once instead of waiting
+    out busy_timeout (waiting could deadlock two readers that both want to upgrade). So
+    the wait is done here, with a short backoff, for up to SQLITE_BUSY_MS.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_MS / 1000
+    pause = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)  # cooperative under gevent's monkey-patching
+        pause = min(pause * 2, 0.1)
 
 
 def _begin_writes_only(engine: Engine, begin: str) -> None:
