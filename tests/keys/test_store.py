@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from pg_server import PostgresServer
 
+from llmproxy.budgets.model import Budget
 from llmproxy.keys import schema
 from llmproxy.keys.model import KeyValidationError, hash_secret
 from llmproxy.keys.store import KeyStore, KeyStoreError, UnknownKeyError, _postgres_url
@@ -382,3 +383,52 @@ def test_callers_waiting_on_a_failing_migration_share_its_error(
     monkeypatch.undo()
     assert store.lookup("0" * 64) is None  # the next call tries again, and succeeds
     store.close()
+
+
+# ------------------------------------------------------------------------ schema version 2
+
+
+def test_a_version_1_database_with_a_key_migrates_to_version_2(
+        store: KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as m:  # this code, as it was at version 1
+        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+        m.setattr(schema, "LATEST", 1)
+        assert KeyStore(store.engine).migrate() == 1
+    columns = {c["name"] for c in sa.inspect(store.engine).get_columns("llmproxy_keys")}
+    assert "budgets" not in columns
+    secret = "llmp-" + "v1" * 20
+    with store.engine.begin() as conn:
+        conn.execute(schema._proxy_keys_v1.insert().values(
+            id="key_00000000000000a1", secret_hash=hash_secret(secret), prefix=secret[:12],
+            name="old", user_name="alice", team_name=None, providers=["openai"], models=[],
+            limits={"requests_per_minute": 3}, expires_at=None, revoked=False, created_at=T0,
+            updated_at=T0, last_used_at=None, meta={"m": 1}))
+
+    assert store.migrate() == 2
+    key = store.lookup(hash_secret(secret))
+    assert key is not None and (key.id, key.name, key.user, key.providers, key.limits,
+                                key.metadata, key.budgets) == (
+        "key_00000000000000a1", "old", "alice", ("openai",), {"requests_per_minute": 3},
+        {"m": 1}, None)
+    inspector = sa.inspect(store.engine)
+    assert {"llmproxy_budgets", "llmproxy_spend"} <= set(inspector.get_table_names())
+    indexes = {tuple(i["column_names"]) for i in inspector.get_indexes("llmproxy_spend")}
+    assert {("key_id", "day"), ("user_name", "day"), ("team_name", "day")} <= indexes
+    assert store.update(key.id, budgets={"day": 2.5}).budgets == Budget(day=2.5)
+    assert store.get(key.id).budgets == Budget(day=2.5)  # type: ignore[union-attr]
+
+
+def test_a_key_keeps_its_budgets(store: KeyStore) -> None:
+    key, secret = store.create("k", budgets={"day": 1, "total": 100.5})
+    assert key.budgets == Budget(day=1.0, total=100.5)
+    assert store.lookup(hash_secret(secret)) == key
+    assert key.public()["budgets"] == {"day": 1.0, "month": None, "total": 100.5}
+    assert store.update(key.id, budgets=Budget(month=7)).budgets == Budget(month=7)
+    assert store.update(key.id, budgets=None).budgets is None
+    assert store.update(key.id, budgets={"day": None}).budgets is None  # no limit: none
+    with pytest.raises(KeyValidationError) as err:
+        store.update(key.id, budgets={"day": -1})
+    assert err.value.field == "budgets.day"
+    with pytest.raises(KeyValidationError) as err:
+        store.create("k", budgets={"week": 1})
+    assert err.value.field == "budgets.week"
