@@ -1,4 +1,5 @@
-"""``llmproxy`` (or ``python -m llmproxy``): --version, build-info, check-config, serve, keys."""
+"""``llmproxy`` (or ``python -m llmproxy``): --version, build-info, check-config, serve, keys,
+budgets, spend."""
 
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ def main(argv: list[str] | None = None) -> int:
         from .keys import cli
 
         return cli.main(argv[1:])
+    if argv[:1] in (["budgets"], ["spend"]):  # see llmproxy/budgets/cli.py
+        from .budgets import cli as budgets_cli
+
+        return budgets_cli.main(argv)
     parser = argparse.ArgumentParser(
-        prog="llmproxy", epilog="python -m llmproxy keys --help: manage proxy keys")
+        prog="llmproxy", epilog="python -m llmproxy keys --help: manage proxy keys; "
+                                "budgets --help: spend budgets; spend --help: the spend ledger")
     parser.add_argument("--version", action="store_true", help="print version and build info")
     parser.add_argument("command", nargs="?", choices=["build-info", "check-config", "serve"],
                         help="build-info: record git commit and build time; "

@@ -96,7 +96,7 @@ def build_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
             on_budget_denied=metrics.record_budget_denial if counting else None)
         limiter.install(app, state.on_finish)
     if budgets is not None:  # after the limiter: spend is settled, then written down
-        _init_ledger(state, counting)
+        _init_ledger(app, state, counting)
     if counting:
         state.on_finish(metrics.init_app(app, settings.metrics, pricing).on_finish)
     else:
@@ -163,17 +163,16 @@ def _init_budgets(state: ProxyState, pricing: PricingTable,
     return policy
 
 
-def _init_ledger(state: ProxyState, counting: bool) -> None:
+def _init_ledger(app: Flask, state: ProxyState, counting: bool) -> None:
     """Every call's spend, written to the ledger in batches (budgets.enabled)."""
-    from .budgets.ledger import LedgerWriter
+    from .budgets.ledger import open_ledger
     from .budgets.policy import spend_row
 
     settings = state.settings.budgets
     assert state.key_store is not None
-    writer = LedgerWriter(state.key_store, settings.ledger_flush_seconds,
-                          max_pending=settings.max_pending,
-                          on_dropped=metrics.record_ledger_dropped if counting else None)
-    state.ledger = writer
+    writer = open_ledger(app, state.key_store, settings.ledger_flush_seconds,
+                         max_pending=settings.max_pending,
+                         on_dropped=metrics.record_ledger_dropped if counting else None)
 
     def record(ex: Exchange) -> None:
         row = spend_row(ex)

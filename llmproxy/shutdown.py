@@ -5,8 +5,9 @@ sends SIGKILL ``graceful_timeout`` seconds after its SIGTERM, and a call still r
 would vanish without its terminal event: no usage record, no access record, no limiter
 correction. So the worker ends such calls itself, :func:`margin` seconds before that
 SIGKILL (:meth:`~llmproxy.inflight.InFlight.cut`, ``outcome: shutdown``), then waits for the
-usage-record writer, sends the limiter's held-back corrections and writes the spend ledger. SIGINT and SIGQUIT (quick
-shutdown: gunicorn exits the worker 0.1 s after calling ``worker_int``) do the same at once.
+usage-record writer, writes the spend ledger and sends the limiter's held-back corrections.
+SIGINT and SIGQUIT (quick shutdown: gunicorn exits the worker 0.1 s after calling
+``worker_int``) do the same at once.
 
 ``gunicorn.conf.py`` calls :func:`install` from ``post_worker_init`` (in the worker, once
 gevent has patched it and the app is loaded) and :func:`quick` from ``worker_int``.
@@ -22,6 +23,7 @@ from typing import Any
 import gevent
 from flask import Flask
 
+from .budgets.ledger import get_ledger
 from .observe.records import get_sink
 from .ratelimit import get_ratelimit
 from .state import EXTENSION_KEY, get_state
@@ -70,15 +72,15 @@ class Shutdown:
         sink = get_sink(self.app)
         if sink is not None and not sink.flush(max(wait, 0.1)):
             log.error("shutdown: usage records still queued when the worker stops")
+        ledger = get_ledger(self.app)
+        if ledger is not None:  # the spend of the calls just cut, and of every other one
+            ledger.flush()
         limiter = get_ratelimit(self.app)
         # Only the Redis store holds corrections back (reconcile_delay_ms); send them now.
         flush: Callable[[], None] | None = getattr(limiter.store, "flush", None) \
             if limiter is not None else None
         if flush is not None:
             flush()
-        ledger = get_state(self.app).ledger  # the spend of the calls just cut, too
-        if ledger is not None:
-            ledger.flush()
         return cut
 
 

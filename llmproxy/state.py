@@ -4,7 +4,7 @@ running calls, listeners."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flask import Flask
 
@@ -36,8 +36,6 @@ class ProxyState:
     key_store: KeyStore | None = None
     #: Proxy-key checks, with auth.mode keys or mixed; None for pass-through.
     keys: KeyGuard | None = None
-    #: The spend ledger's writer (budgets.enabled): flushed on shutdown.
-    ledger: Any = None
 
     def on_finish(self, listener: FinishListener) -> FinishListener:
         """Register a terminal-event listener for provider calls (usable as a decorator)."""

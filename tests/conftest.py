@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(1, str(REPO_ROOT))
 from fake_upstream import FakeUpstream  # noqa: E402
-from services import RedisServer, free_port  # noqa: E402
+from pg_server import PostgresServer, find_binary  # noqa: E402
+from services import RedisServer, free_port, in_ci  # noqa: E402
 
 PROVIDERS = ("openai", "anthropic", "gemini", "groq")
 READY_TIMEOUT = 20.0
@@ -310,3 +311,47 @@ def app(make_app: Callable[..., Any]) -> Any:
 @pytest.fixture
 def client(app: Any) -> Any:
     return app.test_client()
+
+
+# ------------------------------------------------ PostgreSQL (key database, budgets ledger)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:  # `-m "not postgres"` deselects every test that starts the server
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("database_url") if callspec is not None else None
+        if "postgres_session" in getattr(item, "fixturenames", ()) or backend == "postgresql":
+            item.add_marker(pytest.mark.postgres)
+
+
+@pytest.fixture(scope="session")
+def postgres_session() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of our own; skipped without initdb/pg_ctl (fails under CI=true)."""
+    initdb, pg_ctl = find_binary("initdb"), find_binary("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        message = "PostgreSQL (initdb, pg_ctl) is not installed"
+        if in_ci():
+            pytest.fail(f"{message} (required under CI=true)")
+        pytest.skip(message)
+    server = PostgresServer(initdb, pg_ctl).start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def postgres(postgres_session: PostgresServer) -> Iterator[PostgresServer]:
+    """The session's PostgreSQL, running (restarted if a test stopped it)."""
+    if not postgres_session.alive():
+        postgres_session.start()
+    yield postgres_session
+    if not postgres_session.alive():
+        postgres_session.start()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database of the session's server, dropped afterwards."""
+    name = postgres.create_database()
+    yield postgres.url(name)
+    if postgres.alive():
+        postgres.drop_database(name)

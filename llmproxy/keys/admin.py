@@ -1,4 +1,5 @@
-"""The admin HTTP API under ``/admin``: create, list, show, update and revoke proxy keys.
+"""The admin HTTP API under ``/admin``: proxy keys (create, list, show, update, revoke), the
+spend budgets of users and teams, and the spend ledger.
 
 JSON in and out, one error shape ``{"error": {"message", "type"}}``. Every route is behind
 ``Authorization: Bearer <auth.admin_token>``, checked once in ``before_request``; every call
@@ -12,16 +13,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 from collections.abc import Iterable
+from datetime import date, datetime, timezone
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, json, request
 from werkzeug.exceptions import HTTPException
 
 from .. import identity
+from ..budgets.model import BudgetValidationError, parse_budget, to_usd
 from ..state import get_state
-from .model import KeyValidationError, ProxyKey, is_key_id, validate_fields
-from .store import KeyStore, KeyStoreError, UnknownKeyError
+from .model import KeyValidationError, ProxyKey, is_key_id, parse_scope, validate_fields
+from .store import SPEND_GROUPS, KeyStore, KeyStoreError, UnknownKeyError
 
 audit_log = logging.getLogger("llmproxy.audit")
 MAX_BODY_BYTES = 64 * 1024
@@ -34,7 +38,12 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
           500: "internal_error", 503: "database_unavailable"}
 _ACTIONS = {("keys", "POST"): "create", ("keys", "GET"): "list", ("key", "GET"): "show",
             ("key", "HEAD"): "show", ("keys", "HEAD"): "list", ("key", "PATCH"): "update",
-            ("key", "DELETE"): "revoke"}
+            ("key", "DELETE"): "revoke", ("budgets", "GET"): "list_budgets",
+            ("budgets", "HEAD"): "list_budgets", ("budget", "GET"): "show_budget",
+            ("budget", "HEAD"): "show_budget", ("budget", "PUT"): "set_budget",
+            ("budget", "DELETE"): "clear_budget", ("spend", "GET"): "spend",
+            ("spend", "HEAD"): "spend"}
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _OUTCOMES = {400: "invalid", 401: "unauthorized", 404: "not_found", 405: "invalid",
              413: "invalid", 500: "error", 503: "error"}
 
@@ -77,12 +86,44 @@ def _loggable_path(key_id: str | None) -> str:
         return "/admin/keys"
     if endpoint == "key":
         return f"/admin/keys/{key_id}" if key_id else "/admin/keys/<invalid id>"
+    if endpoint in ("budgets", "spend"):
+        return f"/admin/{endpoint}"
+    if endpoint == "budget":  # a scope is shown once parse_scope accepted it
+        scope = (g.get("admin_audit") or {}).get("scope")
+        return f"/admin/budgets/{scope}" if scope else "/admin/budgets/<invalid scope>"
     return "/admin/<unknown>"
 
 
 def _key_or_404(store: KeyStore, key_id: str) -> ProxyKey | Response:
     key = store.get(key_id)
     return error(404, "No key with this id.") if key is None else key
+
+
+def _day(name: str) -> date | None:
+    text = request.args.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        if not _DATE_RE.match(text):
+            raise ValueError(text)
+        return date.fromisoformat(text)
+    except ValueError:
+        raise KeyValidationError(name, "must be a UTC day, YYYY-MM-DD") from None
+
+
+def _budget_body() -> Any:
+    """The PUT body as a Budget (None: every window null); errors name the window."""
+    try:
+        return parse_budget(_body(), "budgets")
+    except BudgetValidationError as exc:
+        raise KeyValidationError(exc.field.removeprefix("budgets."), exc.problem) from None
+
+
+def spend_in_usd(store: KeyStore, key_id: str) -> dict[str, float]:
+    """A key's spend today, this month and ever (UTC), in USD."""
+    today = datetime.now(timezone.utc).date()
+    return {window: to_usd(nanos)
+            for window, nanos in store.spend_summary("key", key_id, today).items()}
 
 
 def blueprint(store: KeyStore, admin_token: str, providers: Iterable[str]) -> Blueprint:
@@ -118,6 +159,7 @@ def blueprint(store: KeyStore, admin_token: str, providers: Iterable[str]) -> Bl
             "path": _loggable_path(fields.get("key_id")),
             "action": fields.get("action"),
             "key_id": fields.get("key_id"),
+            "scope": fields.get("scope"),
             "changed": fields.get("changed"),
             "status": status,
             "outcome": "ok" if status < 400 else _OUTCOMES.get(status, "error"),
@@ -175,7 +217,9 @@ def blueprint(store: KeyStore, admin_token: str, providers: Iterable[str]) -> Bl
         g.admin_audit["key_id"] = key_id
         if request.method == "GET":
             found = _key_or_404(store, key_id)
-            return found if isinstance(found, Response) else _json(found.public())
+            if isinstance(found, Response):
+                return found
+            return _json({**found.public(), "spend": spend_in_usd(store, key_id)})
         if request.method == "PATCH":
             fields = validate_fields(_body(), partial=True, providers=known)
             g.admin_audit["changed"] = sorted(fields)
@@ -183,6 +227,48 @@ def blueprint(store: KeyStore, admin_token: str, providers: Iterable[str]) -> Bl
         if request.method == "DELETE":
             return _json(store.revoke(key_id).public())
         return _method_not_allowed("GET", "PATCH", "DELETE")
+
+    @bp.route("/budgets", methods=_METHODS)
+    def budgets() -> Response:
+        if request.method != "GET":
+            return _method_not_allowed("GET")
+        listed = [{"scope": f"{kind}:{name}", "budgets": budget.public()}
+                  for (kind, name), budget in store.budgets().items()]
+        return _json({"budgets": listed})
+
+    @bp.route("/budgets/<path:scope>", methods=_METHODS)
+    def budget(scope: str) -> Response:
+        if request.method not in ("GET", "PUT", "DELETE"):
+            return _method_not_allowed("GET", "PUT", "DELETE")
+        kind, name = parse_scope(scope)  # before anything is logged: it could be anything
+        shown = f"{kind}:{name}"
+        g.admin_audit["scope"] = shown
+        if request.method == "GET":
+            found = store.get_budget(kind, name)
+            if found is None:
+                return error(404, "No budget for this scope.")
+            return _json({"scope": shown, "budgets": found.public()})
+        if request.method == "PUT":
+            new = _budget_body()
+            g.admin_audit["changed"] = ["budgets"]
+            store.set_budget(kind, name, new)
+            return _json({"scope": shown, "budgets": None if new is None else new.public()})
+        store.set_budget(kind, name, None)
+        return _json({"scope": shown, "budgets": None})
+
+    @bp.route("/spend", methods=_METHODS)
+    def spend() -> Response:
+        if request.method != "GET":
+            return _method_not_allowed("GET")
+        group_by = request.args.get("group_by", "key")
+        if group_by not in SPEND_GROUPS:
+            raise KeyValidationError("group_by", f"must be one of {', '.join(SPEND_GROUPS)}")
+        start, end = _day("from"), _day("to")
+        if start is not None and end is not None and start > end:
+            raise KeyValidationError("from", "must not be after to")
+        rows = store.spend_rows(group_by, start, end)
+        return _json({"group_by": group_by, "from": start and start.isoformat(),
+                      "to": end and end.isoformat(), "rows": rows})
 
     @bp.route("/", defaults={"rest": ""}, methods=_METHODS)
     @bp.route("/<path:rest>", methods=_METHODS)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
+from ..budgets.model import WINDOWS
 from ..config import LIMIT_KEYS, ConfigError, load_settings
 from .model import KeyValidationError, ProxyKey, is_key_id, utcnow, validate_fields
 from .store import KeyStore, KeyStoreError, UnknownKeyError
@@ -49,6 +50,11 @@ def _field_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
                         help="ISO 8601 expiry, e.g. 2030-01-31T00:00:00Z"
                              + (" ('never' clears it)" if update else ""))
     parser.add_argument("--metadata", metavar="JSON", help="free-form JSON object")
+    for window in WINDOWS:
+        parser.add_argument(f"--budget-{window}", metavar="USD",
+                            help=f"the key's spend budget per {window}"
+                                 + (" (other windows are kept; an empty value removes this "
+                                    "one)" if update else ""))
     if update:
         parser.add_argument("--all-providers", action="store_true",
                             help="allow every provider again")
@@ -103,9 +109,26 @@ def _fields(args: argparse.Namespace, *, update: bool) -> dict[str, Any]:
             out["metadata"] = json.loads(args.metadata)
         except ValueError:
             raise _Usage("--metadata: not valid JSON") from None
+    limits: dict[str, float | None] = {}
+    for window in WINDOWS:
+        text = getattr(args, f"budget_{window}")
+        if text is not None:
+            limits[window] = _usd(text, f"--budget-{window}", update=update)
+    if limits:
+        # an update changes the windows given and keeps the others (merged in run())
+        out["budgets"] = limits
     if update and not out:
         raise _Usage("nothing to change: give at least one option")
     return out
+
+
+def _usd(text: str, option: str, *, update: bool) -> float | None:
+    if update and text.strip() == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise _Usage(f"{option}: expected a number of USD") from None
 
 
 # ---------------------------------------------------------------------------------- output
@@ -189,7 +212,14 @@ def run(args: argparse.Namespace, store: KeyStore, providers: Sequence[str],
         _show(found, args.json, out)
         return 0
     if args.command == "update":
-        fields = validate_fields(_fields(args, update=True), partial=True, providers=providers)
+        given = _fields(args, update=True)
+        if "budgets" in given:
+            current = store.get(args.id)
+            if current is None:
+                raise UnknownKeyError(args.id)
+            kept = current.budgets.public() if current.budgets is not None else {}
+            given["budgets"] = {**kept, **given["budgets"]}
+        fields = validate_fields(given, partial=True, providers=providers)
         _show(store.update(args.id, **fields), args.json, out)
         return 0
     if args.command == "revoke":

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from fnmatch import fnmatchcase
 from typing import Any
 
-from ..budgets.model import Budget
+from ..budgets.model import Budget, BudgetValidationError, parse_budget
 from ..config import LIMIT_KEYS
 
 KEY_PREFIX = "llmp-"
@@ -32,7 +32,8 @@ _KEY_ID_RE = re.compile(r"^key_[0-9a-f]{16}$")
 _SECRET_RE = re.compile(r"^llmp-[A-Za-z0-9_-]{32,128}$")
 
 #: Fields a caller may set (``name`` is required at creation).
-FIELDS = ("name", "user", "team", "providers", "models", "limits", "expires_at", "metadata")
+FIELDS = ("name", "user", "team", "providers", "models", "limits", "expires_at", "metadata",
+          "budgets")
 
 
 class KeyValidationError(ValueError):
@@ -103,7 +104,7 @@ class ProxyKey:
     created_at: datetime = field(default_factory=utcnow)
     last_used_at: datetime | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
-    budgets: Budget | None = None  # the key's own USD budgets
+    budgets: Budget | None = None  # the key's own spend budget in USD
 
     def usable(self, now: datetime) -> bool:
         """Not revoked and not expired at ``now`` (aware)."""
@@ -137,6 +138,7 @@ class ProxyKey:
             "created_at": _iso(self.created_at),
             "last_used_at": _iso(self.last_used_at),
             "metadata": dict(self.metadata),
+            "budgets": None if self.budgets is None else self.budgets.public(),
         }
 
 
@@ -229,6 +231,39 @@ def _metadata(value: Any) -> dict[str, Any]:
     return loaded
 
 
+def _budgets(value: Any) -> Budget | None:
+    if isinstance(value, Budget):  # from code (the CLI): already checked by its maker
+        value = value.public()
+    try:
+        return parse_budget(value, "budgets")
+    except BudgetValidationError as exc:
+        raise KeyValidationError(exc.field, exc.problem) from None
+
+
+#: Scope kinds a budget of its own table belongs to (a key's is in the key's record).
+BUDGET_SCOPE_KINDS = ("user", "team")
+
+
+def parse_scope(text: Any, kinds: Iterable[str] = BUDGET_SCOPE_KINDS) -> tuple[str, str]:
+    """``user:NAME`` or ``team:NAME`` (``kinds``) as ``(kind, name)``.
+
+    The name follows the rules of a key's ``user`` and ``team``. Something shaped like a
+    proxy-key secret is refused: it was pasted by mistake, and would be logged as a scope.
+    """
+    allowed = tuple(kinds)
+    usage = f"must be {' or '.join(k + ':NAME' for k in allowed)}"
+    if not isinstance(text, str):
+        raise KeyValidationError("scope", usage)
+    kind, sep, name = text.partition(":")
+    if not sep or kind not in allowed:
+        raise KeyValidationError("scope", usage)
+    if looks_like_proxy_key(name.strip()):
+        raise KeyValidationError("scope", "the name looks like a proxy key; " + usage)
+    checked = _text(name, "scope", optional=False)
+    assert checked is not None
+    return kind, checked
+
+
 def validate_fields(data: Mapping[str, Any], *, partial: bool = False,
                     providers: Iterable[str] | None = None) -> dict[str, Any]:
     """Check and normalise caller-given key fields (admin API body, CLI options).
@@ -260,4 +295,6 @@ def validate_fields(data: Mapping[str, Any], *, partial: bool = False,
         out["expires_at"] = parse_time(data["expires_at"])
     if "metadata" in data:
         out["metadata"] = _metadata(data["metadata"])
+    if "budgets" in data:
+        out["budgets"] = _budgets(data["budgets"])
     return out

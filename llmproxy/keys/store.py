@@ -13,20 +13,24 @@ from __future__ import annotations
 
 import builtins
 import logging
+import sqlite3
 import ssl
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
+from ..budgets.model import Budget, SpendRow, budget_from_json, to_usd
 from ..config import PG_SSLMODES
 from . import schema
 from .model import (
@@ -36,6 +40,7 @@ from .model import (
     hash_secret,
     is_key_id,
     new_key_id,
+    parse_scope,
     utcnow,
     validate_fields,
 )
@@ -122,15 +127,38 @@ def _sqlite_engine(url: URL, timeout: float) -> Engine:
         # late and never before DDL, which would leave the migration unprotected.
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
-        if not memory:
-            cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
-        cursor.close()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+            if not memory:
+                _switch_to_wal(cursor)
+        finally:
+            cursor.close()
 
     # A writer takes the write lock at BEGIN: two writers then queue on busy_timeout
     # instead of one failing when it upgrades a read lock.
     _begin_writes_only(engine, "BEGIN IMMEDIATE")
     return engine
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another process holds the database.
+
+    The switch needs an exclusive lock, taken after a shared one: when several processes
+    open a new file at once, SQLite answers "database is locked" at once instead of waiting
+    out busy_timeout (waiting could deadlock two readers that both want to upgrade). So
+    the wait is done here, with a short backoff, for up to SQLITE_BUSY_MS.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_MS / 1000
+    pause = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)  # cooperative under gevent's monkey-patching
+        pause = min(pause * 2, 0.1)
 
 
 def _begin_writes_only(engine: Engine, begin: str) -> None:
@@ -154,20 +182,44 @@ def _row_to_key(row: sa.Row[Any]) -> ProxyKey:
         models=tuple(m["models"] or ()), limits=dict(m["limits"] or {}),
         expires_at=m["expires_at"], revoked=bool(m["revoked"]), created_at=m["created_at"],
         last_used_at=m["last_used_at"], metadata=dict(m["meta"] or {}),
+        budgets=budget_from_json(m["budgets"]),
     )
 
 
 #: ProxyKey field -> column, for the fields a caller may set.
 _COLUMNS = {"name": "name", "user": "user_name", "team": "team_name", "providers": "providers",
             "models": "models", "limits": "limits", "expires_at": "expires_at",
-            "metadata": "meta"}
+            "metadata": "meta", "budgets": "budgets"}
 
 
 def _values(fields: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in fields.items():
-        out[_COLUMNS[name]] = list(value) if name in ("providers", "models") else value
+        if name in ("providers", "models"):
+            value = list(value)
+        elif name == "budgets":
+            value = None if value is None else value.public()
+        out[_COLUMNS[name]] = value
     return out
+
+
+#: What spend_rows groups by.
+SPEND_GROUPS = ("key", "user", "team", "model", "provider")
+#: Scope kind -> ledger column.
+_SPEND_SCOPES = {"key": "key_id", "user": "user_name", "team": "team_name"}
+_SPEND_KEY = ("day", "key_id", "user_name", "team_name", "model", "provider")  # as identity
+_SPEND_SUMS = ("cost_nanos", "requests", "input_tokens", "output_tokens")
+
+
+def _spend_kind(kind: str) -> str:
+    if kind not in _SPEND_SCOPES:
+        raise ValueError(f"kind must be one of {', '.join(_SPEND_SCOPES)}")
+    return kind
+
+
+def _row_to_budget(row: sa.Row[Any]) -> Budget:
+    m = row._mapping
+    return Budget(day=m["day_usd"], month=m["month_usd"], total=m["total_usd"])
 
 
 class KeyStore:
@@ -311,12 +363,13 @@ class KeyStore:
                providers: tuple[str, ...] | builtins.list[str] = (),
                models: tuple[str, ...] | builtins.list[str] = (),
                limits: Mapping[str, int] | None = None, expires_at: datetime | None = None,
-               metadata: Mapping[str, Any] | None = None) -> tuple[ProxyKey, str]:
+               metadata: Mapping[str, Any] | None = None,
+               budgets: Budget | Mapping[str, Any] | None = None) -> tuple[ProxyKey, str]:
         """A new key and its secret: the only time the secret is available."""
         fields = validate_fields({"name": name, "user": user, "team": team,
                                   "providers": providers, "models": models,
                                   "limits": limits, "expires_at": expires_at,
-                                  "metadata": metadata})
+                                  "metadata": metadata, "budgets": budgets})
         secret = generate_secret()
         now = utcnow()
         key = ProxyKey(id=new_key_id(), prefix=display_prefix(secret), created_at=now,
@@ -388,6 +441,121 @@ class KeyStore:
                 .values(last_used_at=sa.bindparam("used_at", type_=schema.UTCDateTime)))
         with self._write() as conn:
             conn.execute(stmt, [{"key_id": k, "used_at": when} for k, when in used.items()])
+
+    # -- budgets ---------------------------------------------------------------------------
+
+    def _upsert(self, table: sa.Table) -> Any:
+        """``INSERT`` of ``table`` in this backend's dialect, with ``on_conflict_do_update``."""
+        if self.backend == "postgresql":
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    def set_budget(self, kind: str, name: str, budget: Budget | None) -> None:
+        """Set the budget of ``user``/``team`` ``name``; ``None`` (or no limit) deletes it."""
+        kind, name = parse_scope(f"{kind}:{name}")
+        t = schema.budgets
+        with self._write() as conn:
+            if budget is None or budget.is_empty():
+                conn.execute(t.delete().where(t.c.scope_kind == kind, t.c.scope_name == name))
+                return
+            values = {"day_usd": budget.day, "month_usd": budget.month,
+                      "total_usd": budget.total, "updated_at": utcnow()}
+            stmt = self._upsert(t).values(scope_kind=kind, scope_name=name, **values)
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=[t.c.scope_kind, t.c.scope_name], set_=values))
+
+    def get_budget(self, kind: str, name: str) -> Budget | None:
+        """The budget of ``user``/``team`` ``name``, or None."""
+        t = schema.budgets
+        rows = self._select(sa.select(t).where(t.c.scope_kind == kind, t.c.scope_name == name))
+        return _row_to_budget(rows[0]) if rows else None
+
+    def budgets(self) -> dict[tuple[str, str], Budget]:
+        """Every user and team budget, by ``(kind, name)``: one query, for a worker's cache."""
+        t = schema.budgets
+        rows = self._select(sa.select(t).order_by(t.c.scope_kind, t.c.scope_name))
+        return {(r.scope_kind, r.scope_name): _row_to_budget(r) for r in rows}
+
+    # -- the spend ledger --------------------------------------------------------------------
+
+    def add_spend(self, rows: Sequence[SpendRow]) -> None:
+        """Add ``rows`` to the ledger in one transaction, summed into existing rows.
+
+        Safe while other processes add to the same rows: the database adds under its row
+        lock (ON CONFLICT DO UPDATE), so no increment is lost.
+        """
+        merged: dict[tuple[date, str, str, str, str, str], list[int]] = {}
+        for row in rows:
+            sums = merged.setdefault(row.identity, [0, 0, 0, 0])
+            for i, value in enumerate((row.cost_nanos, row.requests, row.input_tokens,
+                                       row.output_tokens)):
+                sums[i] += value
+        if not merged:
+            return
+        t = schema.spend
+        # Rows in one order in every process: two batches sharing rows then lock them in
+        # the same order and cannot deadlock (PostgreSQL).
+        params = [dict(zip(_SPEND_KEY, identity, strict=True))
+                  | dict(zip(_SPEND_SUMS, sums, strict=True))
+                  for identity, sums in sorted(merged.items())]
+        stmt = self._upsert(t)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[t.c[name] for name in _SPEND_KEY],
+            set_={name: t.c[name] + stmt.excluded[name] for name in _SPEND_SUMS})
+        with self._write() as conn:
+            conn.execute(stmt, params)
+
+    def spent(self, kind: str, name: str, since: date | None) -> int:
+        """Nano-dollars spent by key/user/team ``name`` on UTC days >= ``since`` (None: ever).
+
+        One query on the index of that kind (a budget counter rebuilt after a restart).
+        """
+        t = schema.spend
+        column = t.c[_SPEND_SCOPES[_spend_kind(kind)]]
+        query = sa.select(sa.func.coalesce(sa.func.sum(t.c.cost_nanos), 0)).where(column == name)
+        if since is not None:
+            query = query.where(t.c.day >= since)
+        return int(self._select(query)[0][0])
+
+    def spend_summary(self, kind: str, name: str, today: date) -> dict[str, int]:
+        """Nano-dollars spent by ``name`` on ``today``, in its month up to it, and ever: one
+        query (conditional sums over the scope's rows)."""
+        t = schema.spend
+        column = t.c[_SPEND_SCOPES[_spend_kind(kind)]]
+
+        def between(first: date) -> Any:
+            return sa.func.coalesce(sa.func.sum(sa.case(
+                (sa.and_(t.c.day >= first, t.c.day <= today), t.c.cost_nanos), else_=0)), 0)
+
+        query = sa.select(between(today).label("day"),
+                          between(today.replace(day=1)).label("month"),
+                          sa.func.coalesce(sa.func.sum(t.c.cost_nanos), 0).label("total")
+                          ).where(column == name)
+        m = self._select(query)[0]._mapping
+        return {window: int(m[window]) for window in ("day", "month", "total")}
+
+    def spend_rows(self, group_by: str, start: date | None,
+                   end: date | None) -> builtins.list[dict[str, Any]]:
+        """Spend per key/user/team/model/provider over UTC days ``start``..``end`` (inclusive,
+        None: unbounded), most expensive first. An unknown identity is ``None``."""
+        if group_by not in SPEND_GROUPS:
+            raise ValueError(f"group_by must be one of {', '.join(SPEND_GROUPS)}")
+        t = schema.spend
+        column = t.c[_SPEND_SCOPES.get(group_by, group_by)]
+        cost = sa.func.sum(t.c.cost_nanos)
+        query = (sa.select(column.label("value"), cost.label("cost_nanos"),
+                           *(sa.func.sum(t.c[n]).label(n) for n in _SPEND_SUMS[1:]))
+                 .group_by(column).order_by(cost.desc(), column))
+        if start is not None:
+            query = query.where(t.c.day >= start)
+        if end is not None:
+            query = query.where(t.c.day <= end)
+        out: builtins.list[dict[str, Any]] = []
+        for row in self._select(query):
+            m = row._mapping
+            out.append({group_by: m["value"] or None, "cost_usd": to_usd(int(m["cost_nanos"])),
+                        **{n: int(m[n]) for n in _SPEND_SUMS[1:]}})
+        return out
 
     def ping(self) -> None:
         """One round trip to the database; raises KeyStoreError when it is unreachable."""

@@ -137,8 +137,8 @@ def test_database_errors_hide_the_password(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_migrate(run: Run) -> None:
-    assert run.json("migrate") == {"schema_version": 1}
-    assert "schema version 1" in run("migrate")
+    assert run.json("migrate") == {"schema_version": 2}
+    assert "schema version 2" in run("migrate")
 
 
 def test_wired_into_python_m_llmproxy(tmp_path: Path) -> None:

@@ -89,7 +89,8 @@ def test_public_is_json_safe_and_holds_no_secret() -> None:
     assert public["providers"] == ["openai"] and public["limits"] == {"requests_per_minute": 5}
     assert set(public) == {"id", "prefix", "name", "user", "team", "providers", "models",
                            "limits", "expires_at", "revoked", "created_at", "last_used_at",
-                           "metadata"}
+                           "metadata", "budgets"}
+    assert public["budgets"] is None
 
 
 def test_validate_fields_normalises() -> None:

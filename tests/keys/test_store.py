@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from pg_server import PostgresServer
 
+from llmproxy.budgets.model import Budget
 from llmproxy.keys import schema
 from llmproxy.keys.model import KeyValidationError, hash_secret
 from llmproxy.keys.store import KeyStore, KeyStoreError, UnknownKeyError, _postgres_url
@@ -61,6 +62,36 @@ def test_concurrent_migrations_from_many_processes_apply_each_step_once(
     with stores[0].engine.connect() as conn:
         count = conn.execute(sa.select(sa.func.count()).select_from(schema.schema_version))
         assert count.scalar() == len(schema.MIGRATIONS)
+
+
+def test_opening_a_new_sqlite_file_from_many_processes_at_once_waits_for_the_lock(
+        tmp_path: Path) -> None:
+    """Switching a new file to WAL raced: SQLite said "database is locked" without waiting.
+
+    One round lost the race about one time in eight; 25 rounds catch it nearly always.
+    """
+    for round_ in range(25):
+        url = f"sqlite:///{tmp_path / f'keys{round_}.db'}"
+        stores = [KeyStore.from_url(url, timeout=5) for _ in range(4)]
+        start = threading.Barrier(len(stores))
+        errors: list[BaseException] = []
+
+        def run(store: KeyStore, start: threading.Barrier,
+                errors: list[BaseException]) -> None:
+            start.wait()
+            try:
+                store.migrate()  # one switches to WAL while another holds the write lock
+            except Exception as exc:  # collected and asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(s, start, errors)) for s in stores]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for store in stores:
+            store.close()
+        assert errors == []
 
 
 def test_a_newer_schema_is_refused(store: KeyStore) -> None:
@@ -352,3 +383,52 @@ def test_callers_waiting_on_a_failing_migration_share_its_error(
     monkeypatch.undo()
     assert store.lookup("0" * 64) is None  # the next call tries again, and succeeds
     store.close()
+
+
+# ------------------------------------------------------------------------ schema version 2
+
+
+def test_a_version_1_database_with_a_key_migrates_to_version_2(
+        store: KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as m:  # this code, as it was at version 1
+        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+        m.setattr(schema, "LATEST", 1)
+        assert KeyStore(store.engine).migrate() == 1
+    columns = {c["name"] for c in sa.inspect(store.engine).get_columns("llmproxy_keys")}
+    assert "budgets" not in columns
+    secret = "llmp-" + "v1" * 20
+    with store.engine.begin() as conn:
+        conn.execute(schema._proxy_keys_v1.insert().values(
+            id="key_00000000000000a1", secret_hash=hash_secret(secret), prefix=secret[:12],
+            name="old", user_name="alice", team_name=None, providers=["openai"], models=[],
+            limits={"requests_per_minute": 3}, expires_at=None, revoked=False, created_at=T0,
+            updated_at=T0, last_used_at=None, meta={"m": 1}))
+
+    assert store.migrate() == 2
+    key = store.lookup(hash_secret(secret))
+    assert key is not None and (key.id, key.name, key.user, key.providers, key.limits,
+                                key.metadata, key.budgets) == (
+        "key_00000000000000a1", "old", "alice", ("openai",), {"requests_per_minute": 3},
+        {"m": 1}, None)
+    inspector = sa.inspect(store.engine)
+    assert {"llmproxy_budgets", "llmproxy_spend"} <= set(inspector.get_table_names())
+    indexes = {tuple(i["column_names"]) for i in inspector.get_indexes("llmproxy_spend")}
+    assert {("key_id", "day"), ("user_name", "day"), ("team_name", "day")} <= indexes
+    assert store.update(key.id, budgets={"day": 2.5}).budgets == Budget(day=2.5)
+    assert store.get(key.id).budgets == Budget(day=2.5)  # type: ignore[union-attr]
+
+
+def test_a_key_keeps_its_budgets(store: KeyStore) -> None:
+    key, secret = store.create("k", budgets={"day": 1, "total": 100.5})
+    assert key.budgets == Budget(day=1.0, total=100.5)
+    assert store.lookup(hash_secret(secret)) == key
+    assert key.public()["budgets"] == {"day": 1.0, "month": None, "total": 100.5}
+    assert store.update(key.id, budgets=Budget(month=7)).budgets == Budget(month=7)
+    assert store.update(key.id, budgets=None).budgets is None
+    assert store.update(key.id, budgets={"day": None}).budgets is None  # no limit: none
+    with pytest.raises(KeyValidationError) as err:
+        store.update(key.id, budgets={"day": -1})
+    assert err.value.field == "budgets.day"
+    with pytest.raises(KeyValidationError) as err:
+        store.create("k", budgets={"week": 1})
+    assert err.value.field == "budgets.week"
