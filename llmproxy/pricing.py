@@ -117,7 +117,7 @@ class PricingTable:
         """The first terminal-event listener: ``ex.cost_usd``, computed once for every other.
 
         The model the response names (a dated snapshot, what was billed) wins over the one
-        requested; free token-counting calls cost 0.
+        requested, when it is priced; free token-counting calls cost 0.
         """
         dialect = DIALECTS.get(ex.dialect or "")
         if dialect is None:  # not a provider call
@@ -128,3 +128,7 @@ class PricingTable:
         else:
             ex.cost_usd = self.cost(ex.provider, ex.meta.model or ex.model, ex.meta.usage,
                                     dialect)
+            if ex.cost_usd is None and ex.meta.model and ex.model \
+                    and ex.meta.model != ex.model:
+                # a name the table does not know (a new snapshot): the one asked for
+                ex.cost_usd = self.cost(ex.provider, ex.model, ex.meta.usage, dialect)

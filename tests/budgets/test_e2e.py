@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anthropic
-import httpx
+import httpx2
 import openai
 import pytest
 import requests
@@ -149,14 +149,14 @@ def test_each_sdk_gets_its_quota_error_and_does_not_retry(
     hooks = {"request": [lambda r: sent.append(str(r.url))]}
     # the SDKs' default retries are on: x-should-retry: false must stop them
     oa = openai.OpenAI(api_key=secret, base_url=f"{proxy.url}/openai/v1",
-                       http_client=httpx.Client(event_hooks=hooks))
+                       http_client=httpx2.Client(event_hooks=hooks))
     with pytest.raises(openai.RateLimitError) as oa_err:
         oa.chat.completions.create(model=MODEL, max_tokens=OUTPUT, messages=[])
     assert oa_err.value.code == "insufficient_quota"
     assert oa_err.value.type == "insufficient_quota"
     assert "Retry-After" not in oa_err.value.response.headers  # a total never resets
     an = anthropic.Anthropic(api_key=secret, base_url=f"{proxy.url}/anthropic",
-                             http_client=httpx.Client(event_hooks=hooks))
+                             http_client=httpx2.Client(event_hooks=hooks))
     with pytest.raises(anthropic.RateLimitError) as an_err:
         an.messages.create(model=MODEL, max_tokens=OUTPUT,
                            messages=[{"role": "user", "content": "x"}])

@@ -19,11 +19,12 @@ class Recording:
     def __init__(self) -> None:
         self.adjusted: list[Adjustment] = []
 
-    def reserve(self, specs: Any) -> Decision:
+    def reserve(self, specs: Any, budgets: Any = (), hold: str = "",
+                hold_ttl: float = 0.0) -> Decision:
         return Decision(True, {s.key: 7 for s in specs},
                         [CounterState(s.cost, None, 60.0) for s in specs])
 
-    def adjust(self, adjustments: Any) -> None:
+    def adjust(self, adjustments: Any, settlements: Any = ()) -> None:
         self.adjusted += adjustments
 
     def ping(self) -> None:
