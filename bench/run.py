@@ -976,11 +976,15 @@ _CREATE_BUDGET_KEY = ("import sys; from llmproxy.keys.store import KeyStore; "
                       "budgets=Budget(day=100000.0, total=900000.0))[1])")
 
 
-def _budget_config(url: str, redis_port: int) -> dict[str, Any]:
-    return {"auth": {"mode": "keys", "database_url": url},
-            "budgets": {"enabled": True},
-            "features": {"rate_limiting": {"backend": "redis", "redis": {
-                "url": f"redis://{HOST}:{redis_port}/0", "reconcile_delay_ms": 50}}}}
+def _budget_config(url: str, redis_port: int, *, budgets: bool = True,
+                   limits: bool = False) -> dict[str, Any]:
+    """Proxy keys over ``url``, Redis on ``redis_port``; budgets and/or rate limits on."""
+    rl: dict[str, Any] = {"enabled": limits, "backend": "redis", "redis": {
+        "url": f"redis://{HOST}:{redis_port}/0", "reconcile_delay_ms": 50}}
+    if limits:
+        rl["limits"] = {"requests_per_minute": 100_000_000, "tokens_per_minute": 1_000_000_000}
+    return {"auth": {"mode": "keys", "database_url": url}, "budgets": {"enabled": budgets},
+            "features": {"rate_limiting": rl}}
 
 
 def _budget_refuses(r: Runner, proxy: Proxy, url: str) -> bool:
@@ -1000,7 +1004,9 @@ def _budget_refuses(r: Runner, proxy: Proxy, url: str) -> bool:
 def scenario_h(r: Runner) -> dict[str, Any]:
     """B with budgets on (a proxy key with day and total budgets, the Redis backend: one
     reservation round trip per call, settlements carried by the next one, the ledger written
-    in batches) against pass-through, in alternating slices like G."""
+    in batches) against pass-through, in alternating slices like G. Two more proxies show
+    what budgets add to a deployment that already has proxy keys and Redis rate limits
+    (the budgets then ride in the limits' round trip)."""
     url = f"sqlite:///{r.workdir / 'budgets.db'}"
     try:
         out = subprocess.run([sys.executable, "-c", _CREATE_BUDGET_KEY, url],
@@ -1013,28 +1019,39 @@ def scenario_h(r: Runner) -> dict[str, Any]:
         return {"available": False, "reason": str(exc)}
     plain = {**HEADERS, "Authorization": "Bearer sk-bench"}
     keyed = {**HEADERS, "Authorization": f"Bearer {secret}"}
-    base = r.proxy(None, SERVER_KEYS)
-    budgets = r.proxy(_budget_config(url, redis.port), SERVER_KEYS)
+    proxies = {"passthrough": r.proxy(None, SERVER_KEYS),
+               "budgets": r.proxy(_budget_config(url, redis.port), SERVER_KEYS),
+               "limits": r.proxy(_budget_config(url, redis.port, budgets=False, limits=True),
+                                 SERVER_KEYS),
+               "limits_budgets": r.proxy(_budget_config(url, redis.port, limits=True),
+                                         SERVER_KEYS)}
     try:
-        summary = _alternating(r, [("passthrough", base, plain), ("budgets", budgets, keyed)])
-        verified = _budget_refuses(r, budgets, url)
+        summary = _alternating(r, [(mode, proxy, plain if mode == "passthrough" else keyed)
+                                   for mode, proxy in proxies.items()])
+        verified = _budget_refuses(r, proxies["budgets"], url)
     finally:
-        base.stop()
-        budgets.stop()
+        for proxy in proxies.values():
+            proxy.stop()
         redis.stop()
-    base_cpu = summary["passthrough"]["proxy_cpu_s_per_1000"]
-    on_cpu = summary["budgets"]["proxy_cpu_s_per_1000"]
-    ratio = on_cpu / base_cpu if base_cpu else None
-    paired = [k / b for b, k in zip(summary["passthrough"]["slices_cpu_s_per_1000"],
-                                    summary["budgets"]["slices_cpu_s_per_1000"], strict=True)
-              if b]
+
+    def ratio(on: str, off: str) -> tuple[float | None, list[float]]:
+        a = summary[on]["proxy_cpu_s_per_1000"]
+        b = summary[off]["proxy_cpu_s_per_1000"]
+        pairs = [x / y for x, y in zip(summary[on]["slices_cpu_s_per_1000"],
+                                       summary[off]["slices_cpu_s_per_1000"], strict=True)
+                 if y]
+        return (round(a / b, 3) if b else None), [round(x, 3) for x in pairs]
+
+    vs_pass, pairs = ratio("budgets", "passthrough")
+    vs_limits, limit_pairs = ratio("limits_budgets", "limits")
     summary["budgets"]["budgets_verified"] = verified
+    errors = sum(row["errors"] for row in summary.values())
     return {
         "available": True, "baseline": summary["passthrough"], "budgets": summary["budgets"],
-        "cpu_ratio_vs_passthrough": round(ratio, 3) if ratio is not None else None,
-        "paired_cpu_ratios": [round(x, 3) for x in paired],
-        "pass": ratio is not None and ratio <= 1.25 and summary["budgets"]["errors"] == 0
-        and verified,
+        "limits": summary["limits"], "limits_budgets": summary["limits_budgets"],
+        "cpu_ratio_vs_passthrough": vs_pass, "paired_cpu_ratios": pairs,
+        "cpu_ratio_vs_limits": vs_limits, "paired_cpu_ratios_vs_limits": limit_pairs,
+        "pass": vs_pass is not None and vs_pass <= 1.25 and errors == 0 and verified,
     }
 
 
@@ -1204,7 +1221,9 @@ def render(results: dict[str, Any]) -> str:
         if not f.get("available"):
             add(f"  not available: {f.get('reason')}")
         else:
-            for label, row in (("pass-through", f["baseline"]), ("budgets", f["budgets"])):
+            for label, row in (("pass-through", f["baseline"]), ("budgets", f["budgets"]),
+                               ("keys+limits", f["limits"]),
+                               ("+ budgets", f["limits_budgets"])):
                 add(f"  {label:13}{row['rps']:>8,.0f} req/s  p99 {row['p99_ms']:.2f} ms  "
                     f"{row['proxy_cpu_s_per_1000']:.3f} s CPU / 1,000 (median of "
                     f"{len(row['slices_cpu_s_per_1000'])} slices)")
@@ -1212,6 +1231,9 @@ def render(results: dict[str, Any]) -> str:
             add(f"  CPU per request x{_f(f['cpu_ratio_vs_passthrough'])} pass-through "
                 f"(slice pairs: {paired})  budgets verified "
                 f"{_f(f['budgets']['budgets_verified'])}  [{_verdict(f.get('pass'))}]")
+            paired = ", ".join(f"x{x:.2f}" for x in f["paired_cpu_ratios_vs_limits"])
+            add(f"  budgets over keys + Redis rate limits: x{_f(f['cpu_ratio_vs_limits'])} "
+                f"(slice pairs: {paired})")
     return "\n".join(lines)
 
 

@@ -175,6 +175,8 @@ class BudgetPolicy:
         self.book = book
         self._ledger_spent = ledger_spent
         self.clock = clock
+        # (valid until, {window: (period id, first day, end)}): see _periods_now
+        self._periods: tuple[float, dict[str, tuple[str, date | None, int]]] | None = None
 
     def budgets_of(self, ex: Exchange) -> list[tuple[str, str, Budget]]:
         """(kind, name, budget) of every scope of the call that has a budget."""
@@ -212,23 +214,36 @@ class BudgetPolicy:
                     else self.settings.default_output_tokens
                 cost = math.ceil((input_tokens * input_rate + output * rates.output)
                                  * _NANOS_PER_PRICE_UNIT)
-        now = datetime.fromtimestamp(self.clock(), timezone.utc)
-        today = now.date()
+        periods = self._periods_now()
         funds: list[Fund] = []
         for kind, name, budget in scopes:
             for window in WINDOWS:
                 limit = budget.limit(window)
                 if limit is None:
                     continue
-                end = period_end(window, now)
-                end_s = int(end.timestamp()) if end is not None else 0
-                spec = BudgetSpec(
-                    key=f"budget:{kind}:{name}:{window}:{period_id(window, today)}",
-                    limit=round(limit * 1_000_000_000), cost=cost,
-                    expires_at=end_s + KEEP_AFTER_PERIOD if end_s else 0)
-                funds.append(Fund(kind, name, window, period_start(window, today),
-                                  float(end_s), spec))
+                pid, start, end_s = periods[window]
+                spec = BudgetSpec(key=f"budget:{kind}:{name}:{window}:{pid}",
+                                  limit=round(limit * 1_000_000_000), cost=cost,
+                                  expires_at=end_s + KEEP_AFTER_PERIOD if end_s else 0)
+                funds.append(Fund(kind, name, window, start, float(end_s), spec))
         return funds, input_rate
+
+    def _periods_now(self) -> dict[str, tuple[str, date | None, int]]:
+        """Each window's (period id, first day, end in epoch seconds; 0: never), worked
+        out once a day: calendar arithmetic per call would cost more than the rest."""
+        now = self.clock()
+        cached = self._periods
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        moment = datetime.fromtimestamp(now, timezone.utc)
+        today = moment.date()
+        table: dict[str, tuple[str, date | None, int]] = {}
+        for window in WINDOWS:
+            end = period_end(window, moment)
+            table[window] = (period_id(window, today), period_start(window, today),
+                             int(end.timestamp()) if end is not None else 0)
+        self._periods = (float(table["day"][2]), table)
+        return table
 
     def seed(self, funds: list[Fund]) -> None:
         """Rebuild missing counters from the ledger (after a restart of Redis or the proxy).

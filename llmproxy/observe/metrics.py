@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import os
 import threading
+import time
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, json, request
@@ -102,17 +103,24 @@ LEDGER_DROPPED = Counter("llmproxy_budget_ledger_dropped_rows",
                          "Spend rows not written to the ledger (its queue was full).")
 #: Proxy keys with budget gauges per worker: the label stays bounded however many keys exist.
 MAX_BUDGET_KEYS = 1000
-_budget_keys: set[str] = set()
+#: Seconds between two updates of one key's gauges by one worker: a scrape every 15 s or
+#: more sees the same, and a busy key does not pay two shared-memory writes per call.
+BUDGET_GAUGE_EVERY = 1.0
+_budget_updated: dict[tuple[str, str], float] = {}
 
 
 def record_budget(kind: str, name: str, window: str, spent: float, remaining: float) -> None:
     """The spend and remaining budget of a proxy key's window (other scopes: not labelled)."""
     if kind != "key":
         return
-    if name not in _budget_keys:
-        if len(_budget_keys) >= MAX_BUDGET_KEYS:
+    now = time.monotonic()
+    last = _budget_updated.get((name, window))
+    if last is None:
+        if len(_budget_updated) >= MAX_BUDGET_KEYS * 3:  # three windows per key
             return
-        _budget_keys.add(name)
+    elif now - last < BUDGET_GAUGE_EVERY:
+        return
+    _budget_updated[(name, window)] = now
     _child(BUDGET_SPEND, name, window).set(spent)
     _child(BUDGET_REMAINING, name, window).set(remaining)
 

@@ -295,6 +295,47 @@ def connect(url: str, timeout_ms: int,
     return redis.Redis(connection_pool=pool)
 
 
+class _Lease:
+    """The scripts' connections: made by the client's pool, handed out last-in first-out,
+    at most ``max_connections`` at once, waiting up to the pool's timeout for one.
+
+    What redis-py's ``BlockingConnectionPool`` does, without what it adds per call in
+    version 8 (operation and connection-state metrics, maintenance-mode checks), which
+    cost as much CPU as the script call itself. A connection is checked before use, as
+    there: leftover bytes or the server's EOF mean it is reconnected.
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._free: list[Any] = []
+        self._slots = threading.BoundedSemaphore(pool.max_connections)
+        self._timeout = pool.timeout
+
+    def get(self) -> Any:
+        if not self._slots.acquire(timeout=self._timeout):
+            raise redis.ConnectionError("No connection available.")
+        conn: Any = None
+        try:
+            conn = self._free.pop() if self._free else self._pool.make_connection()
+            conn.connect()
+            try:
+                stale = conn.can_read()  # a reply left unread
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                stale = True  # the server closed it
+            if stale:
+                conn.disconnect()
+                conn.connect()
+        except BaseException:
+            self.put(conn)
+            raise
+        return conn
+
+    def put(self, conn: Any) -> None:
+        if conn is not None:
+            self._free.append(conn)
+        self._slots.release()
+
+
 def _decision(specs: Sequence[CounterSpec], reply: Any, budgets: int = 0) -> Decision:
     """reserve.lua's reply as a :class:`Decision`."""
     if int(reply[0]) < 0:  # budget counters missing: indexes are 1-based
@@ -351,6 +392,7 @@ class RedisStore:
         self.reconcile_delay = reconcile_delay
         # Told when deferred corrections could not be delivered (nobody else is to blame).
         self.on_lost = on_lost
+        self._lease = _Lease(client.connection_pool)
         self._reserve = client.register_script(_script_text("reserve.lua"))
         self._reconcile = client.register_script(_script_text("reconcile.lua"))
         self._pending: _Pending = {}
@@ -368,10 +410,33 @@ class RedisStore:
 
     def _run(self, script: Any, keys: list[str], args: list[str | int]) -> Any:
         try:
-            return script(keys=keys, args=args)
+            return self._evalsha(script, keys, args)
         except redis.RedisError as exc:
             # Only the exception class: a message may echo the URL with its password.
             raise StoreError(type(exc).__name__) from None
+
+    def _evalsha(self, script: Any, keys: list[str], args: list[str | int]) -> Any:
+        """EVALSHA on a pooled connection, without redis-py's per-command layers.
+
+        Every call of every request comes here, and redis-py's command path (retry
+        wrapper, response callbacks, its own operation metrics) costs more CPU than
+        sending the command and reading its reply. Retries are off anyway (the caller
+        applies ``on_error``); a connection that failed is dropped, as redis-py would; a
+        script Redis does not know yet (a restart, a flush) is loaded by redis-py's own
+        ``Script`` call.
+        """
+        conn = self._lease.get()
+        try:
+            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            return conn.read_response()
+        except redis.exceptions.NoScriptError:
+            pass
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            conn.disconnect()
+            raise
+        finally:
+            self._lease.put(conn)
+        return script(keys=keys, args=args)
 
     def ping(self) -> None:
         try:

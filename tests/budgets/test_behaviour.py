@@ -16,6 +16,7 @@ from services import RedisServer
 
 from llmproxy.budgets.model import Budget
 from llmproxy.keys.store import KeyStore
+from llmproxy.observe import metrics
 
 MODEL = "priced-model"
 PRICE_IN, PRICE_OUT = 100.0, 1000.0  # USD per million tokens
@@ -183,6 +184,7 @@ def test_key_budgets_reach_the_metrics(make_app: Callable[..., Flask], db_url: s
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("OPENAI", "ANTHROPIC", "GEMINI", "GROQ"):
         monkeypatch.setenv(f"{name}_API_KEY", "sk-server-side")
+    monkeypatch.setattr(metrics, "BUDGET_GAUGE_EVERY", 0.0)  # every call updates them
     store = KeyStore.from_url(db_url)
     store.migrate()
     key, secret = store.create("metered", budgets=Budget(day=2.0, total=5.0))

@@ -9,6 +9,7 @@ of ``ADMITTED`` calls admits exactly that many, however many arrive at once.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -256,3 +257,68 @@ def test_the_ledger_is_flushed_on_graceful_shutdown(
     finally:
         store.close()
 
+
+
+def test_a_stream_cut_by_shutdown_is_settled_and_written(
+        start_proxy: ProxyFactory, fake_upstream: FakeUpstream, redis_server: RedisServer,
+        tmp_path: Any) -> None:
+    """A stream outliving the graceful timeout is cut by its worker: its hold is replaced by
+    what it relayed, in Redis and in the ledger, before the worker is gone."""
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    cfg = config(url, redis_server, ledger_flush_seconds=3600)  # only the shutdown writes
+    cfg["features"]["rate_limiting"]["redis"]["reconcile_delay_ms"] = 10_000  # held back too
+    proxy = start_proxy(config=cfg, workers=1, env={**SERVER_KEYS, "GRACEFUL_TIMEOUT": "3"})
+    created = admin(proxy, "POST", "/keys", {"name": "k", "budgets": {"day": 1.0}})
+    fake_upstream.script(fake_upstream.scripts.endless("openai", interval=0.02, count=100_000))
+    assert proxy.proc is not None
+    with requests.post(f"{proxy.url}/openai/v1/chat/completions", stream=True, timeout=30,
+                       headers={"Authorization": f"Bearer {created['key']}",
+                                "Connection": "close"},
+                       json={"model": MODEL, "stream": True, "max_tokens": 500,
+                             "messages": []}) as resp:
+        assert resp.status_code == 200
+        chunks = resp.iter_content(chunk_size=None)
+        next(chunks)
+        proxy.proc.send_signal(signal.SIGTERM)
+        try:
+            for _ in chunks:
+                pass
+        except requests.RequestException:  # the cut: a chunked body that never ends
+            pass
+    assert proxy.proc.wait(20) == 0
+    store = KeyStore.from_url(url)
+    try:
+        spent = store.spent("key", created["id"], None)
+    finally:
+        store.close()
+    assert spent > 0  # the relayed output, estimated from its text
+    day = time.strftime("%Y%m%d", time.gmtime())
+    client = redis_server.client()
+    try:
+        settled, held = client.hmget(f"llmproxy:{{rl}}:budget:key:{created['id']}:day:{day}",
+                                     "s", "h")
+    finally:
+        client.close()
+    assert (int(settled), int(held)) == (spent, 0)
+
+
+def test_a_database_outage_queues_the_ledger_and_loses_nothing(
+        start_proxy: ProxyFactory, fake_upstream: FakeUpstream, redis_server: RedisServer,
+        request: pytest.FixtureRequest) -> None:
+    """PostgreSQL stops: calls go on (key cached, counters in Redis) and their spend waits in
+    the worker; once the database is back it is all written, exactly once."""
+    url = request.getfixturevalue("postgres_url")
+    postgres = request.getfixturevalue("postgres")
+    proxy = start_proxy(config=config(url, redis_server), workers=1, env=SERVER_KEYS)
+    created = admin(proxy, "POST", "/keys", {"name": "k", "budgets": {"day": 1.0}})
+    key_id, secret = created["id"], created["key"]
+    client = openai_client(proxy.url, new_request_id(), api_key=secret)
+    assert [chat(client, stream=n == 1)[0] for n in range(2)] == [200, 200]
+    until(lambda: spend_total(proxy, key_id) == pytest.approx(2 * CALL_NANOS / 1e9))
+    postgres.stop()
+    assert [chat(client, stream=n == 1)[0] for n in range(3)] == [200, 200, 200]
+    time.sleep(3 * FLUSH)  # let several flushes fail: the rows must stay queued, not repeat
+    postgres.start()
+    until(lambda: spend_total(proxy, key_id) == pytest.approx(5 * CALL_NANOS / 1e9))
+    time.sleep(3 * FLUSH)  # and not be written twice by the flushes that follow
+    assert spend_total(proxy, key_id) == pytest.approx(5 * CALL_NANOS / 1e9)

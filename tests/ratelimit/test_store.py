@@ -400,3 +400,16 @@ def test_memory_store_evictions_reach_the_limiter(clock: FakeClock) -> None:
     for i in range(150):
         limiter.store.reserve([requests_spec(1, f"user:u{i}:requests:minute")])
     assert sum(counted) == 50 and len(limiter.store) == 100
+
+
+def test_redis_store_loads_its_scripts_again_after_a_flush(redis_server: RedisServer,
+                                                           clock: FakeClock) -> None:
+    """Redis forgets scripts on a restart or SCRIPT FLUSH: the next call loads them again."""
+    store = RedisStore(connect(redis_server.url, 1000), "pfx:", clock=clock)
+    assert store.reserve([requests_spec(3, "key:fp_1:requests:minute")]).allowed
+    client = redis_server.client()
+    client.script_flush()
+    client.close()
+    again = store.reserve([requests_spec(3, "key:fp_1:requests:minute")])
+    assert again.allowed and again.states[0].used == 2
+    store.close()
