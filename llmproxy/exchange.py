@@ -108,7 +108,8 @@ class RequestInfo:
     streaming: bool = False
     user: str | None = None
     text_chars: int | None = None  # characters of textual prompt content; None: not JSON
-    max_output_tokens: int | None = None
+    max_output_tokens: int | None = None  # the output cap, times the choices asked for
+    choices: int = 1  # completions asked for at once (OpenAI n, Gemini candidateCount)
 
 
 @dataclass(slots=True, eq=False)

@@ -21,6 +21,7 @@ from datetime import date, datetime, timezone
 from ..config import BudgetSettings
 from ..exchange import Exchange, Outcome
 from ..pricing import PricingTable
+from ..providers import DIALECTS
 from .model import (
     WINDOWS,
     Budget,
@@ -139,6 +140,7 @@ class BudgetHold:
     states: list[BudgetState]  # after holding
     input_tokens: int  # the input estimate the hold was priced from
     input_rate: float  # USD per million input tokens used for the hold
+    day: date | None = None  # the UTC day of the periods held (the ledger's day)
 
     def tightest(self) -> tuple[Fund, int] | None:
         """The fund with the least room left after this hold, and that room (nanos)."""
@@ -201,7 +203,17 @@ class BudgetPolicy:
         if not scopes:
             return [], 0.0
         cost, input_rate = 0, 0.0
-        if ex.model is not None:
+        dialect = DIALECTS.get(ex.dialect or "")
+        if dialect is not None and dialect.is_token_count(
+                ex.upstream_path.partition("?")[0].rstrip("/")):
+            pass  # free: holds nothing
+        elif ex.model is None:
+            # A call the proxy cannot price before it runs (a multipart upload, a run of a
+            # stored assistant or prompt): letting it hold nothing would let any number of
+            # them through at once. Reading calls (GET, HEAD) cost nothing.
+            if ex.method not in ("GET", "HEAD") and self.settings.unpriced == "deny":
+                raise Unpriced(None)
+        else:
             price = self.pricing.lookup(ex.provider, ex.model)
             if price is None:
                 if self.settings.unpriced == "deny":
@@ -209,9 +221,10 @@ class BudgetPolicy:
             else:
                 rates = price.rates_for(input_tokens)
                 input_rate = max(rates.input, rates.cache_write)
-                cap = getattr(ex.request_info, "max_output_tokens", None)
+                info = ex.request_info
+                cap = getattr(info, "max_output_tokens", None)
                 output = cap if isinstance(cap, int) and cap > 0 \
-                    else self.settings.default_output_tokens
+                    else self.settings.default_output_tokens * getattr(info, "choices", 1)
                 cost = math.ceil((input_tokens * input_rate + output * rates.output)
                                  * _NANOS_PER_PRICE_UNIT)
         periods = self._periods_now()
@@ -227,6 +240,10 @@ class BudgetPolicy:
                                   expires_at=end_s + KEEP_AFTER_PERIOD if end_s else 0)
                 funds.append(Fund(kind, name, window, start, float(end_s), spec))
         return funds, input_rate
+
+    def today(self) -> date | None:
+        """The UTC day of the periods the last :meth:`funds` held (the ledger's day)."""
+        return self._periods_now()["day"][1]
 
     def _periods_now(self) -> dict[str, tuple[str, date | None, int]]:
         """Each window's (period id, first day, end in epoch seconds; 0: never), worked
@@ -301,7 +318,11 @@ def spend_row(ex: Exchange) -> SpendRow | None:
     if ex.dialect is None or ex.upstream_status is None and not ex.charged_nanos:
         return None
     usage = ex.meta.usage
-    day = datetime.fromtimestamp(ex.started_wall + (ex.duration or 0.0), timezone.utc).date()
+    hold = getattr(ex.reservation, "budget", None)
+    if isinstance(hold, BudgetHold) and hold.day is not None:
+        day = hold.day  # the period its counters were charged in, also across midnight
+    else:
+        day = datetime.fromtimestamp(ex.started_wall, timezone.utc).date()
     output = usage.output_tokens or 0
     if usage.input_tokens is not None:
         input_tokens = usage.input_tokens
@@ -309,7 +330,18 @@ def spend_row(ex: Exchange) -> SpendRow | None:
         input_tokens = max(usage.total_tokens - output, 0)
     else:
         input_tokens = 0
-    return SpendRow(day=day, key_id=ex.key_id or "", user=(ex.user or "")[:200],
-                    team=ex.team or "", model=(ex.meta.model or ex.model or "")[:200],
+    return SpendRow(day=day, key_id=ex.key_id or "", user=_printable(ex.user),
+                    team=_printable(ex.team), model=_printable(ex.meta.model or ex.model),
                     provider=ex.provider or "", cost_nanos=ex.charged_nanos or 0, requests=1,
                     input_tokens=input_tokens, output_tokens=output)
+
+
+def _printable(value: str | None, limit: int = 200) -> str:
+    """A client-chosen name as the ledger can store it on every database: no NUL or other
+    control characters, no lone surrogates (one bad row would fail its whole batch)."""
+    if not value:
+        return ""
+    value = value[:limit]
+    if value.isprintable():
+        return value
+    return "".join(c for c in value if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF)

@@ -162,8 +162,11 @@ class Gemini(Dialect):
         info.text_chars = _prompt_chars(doc)
         config = first(doc, "generationConfig", "generation_config")
         if isinstance(config, dict):
+            count = first(config, "candidateCount", "candidate_count")
+            info.choices = count if type(count) is int and count > 1 else 1
             cap = first(config, "maxOutputTokens", "max_output_tokens")
-            info.max_output_tokens = cap if type(cap) is int and cap >= 0 else None
+            info.max_output_tokens = cap * info.choices if type(cap) is int and cap >= 0 \
+                else None
         return info
 
     def usage_handler(self, meta: ResponseMeta, route: str) -> UsageHandler:

@@ -190,9 +190,12 @@ class OpenAI(Dialect):
             info.streaming = info.streaming or path.rstrip("/").endswith(_STREAM_ROUTES)
         info.user = text(doc.get("user"))
         info.text_chars = _prompt_chars(doc)
+        # n (and the legacy best_of) completions each write up to the cap
+        info.choices = max(_cap(doc.get("n")) or 1, _cap(doc.get("best_of")) or 1)
         for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-            info.max_output_tokens = _cap(doc.get(key))
-            if info.max_output_tokens is not None:
+            cap = _cap(doc.get(key))
+            if cap is not None:
+                info.max_output_tokens = cap * info.choices
                 break
         return info
 

@@ -216,9 +216,11 @@ class RateLimit:
 
     def _unpriced(self, ex: Exchange) -> Response:
         ex.error_kind = ErrorKind.UNPRICED
-        model = (ex.model or "")[:100]
-        return error_response(ex.dialect, 403, f"The model {model} has no price in this proxy's "
-                              "pricing table, and a spend budget applies to this call "
+        if ex.model is None:
+            what = "This call names no model the proxy can read, so its cost cannot be held"
+        else:
+            what = f"The model {ex.model[:100]} has no price in this proxy's pricing table"
+        return error_response(ex.dialect, 403, f"{what}, and a spend budget applies to it "
                               "(budgets.unpriced: deny).", request_id=ex.request_id,
                               code="model_not_priced")
 

@@ -217,7 +217,7 @@ class MemoryStore:
             budget_states: list[BudgetState] = []
             for bspec, fund in zip(budgets, funds, strict=True):
                 assert fund is not None
-                if ok and bspec.cost > 0:
+                if ok:  # a hold of 0 too: it is what the settlement is matched against
                     fund.held += bspec.cost
                     fund.holds[hold] = (bspec.cost, now + hold_ttl)
                 budget_states.append(BudgetState(fund.spent, fund.held))
@@ -250,9 +250,10 @@ class MemoryStore:
                 if fund is None:
                     continue  # forgotten (period over): the ledger has the spend
                 held = fund.holds.pop(settlement.hold, None)
-                if held is not None:
-                    fund.held -= held[0]
-                fund.spent += settlement.amount
+                if held is None:
+                    continue  # settled before, or released by its TTL (as in budget.lua)
+                fund.held -= held[0]
+                fund.spent += max(settlement.amount, 0)
             for adj in adjustments:
                 if adj.delta == 0:
                     continue

@@ -274,7 +274,8 @@ class Limiter:
             return _binding(checks, decision.states)
         res = Reservation(checks, decision.bucket, tokens, input_est, output_est)
         if funds:
-            res.budget = BudgetHold(hold_id, funds, decision.budgets, input_est, rate)
+            res.budget = BudgetHold(hold_id, funds, decision.budgets, input_est, rate,
+                                    self.budgets.today() if self.budgets else None)
         if checks:
             res.tightest = _tightest(checks, decision.states)
         return res
@@ -327,7 +328,8 @@ class Limiter:
             return  # never ran, or refused: nothing was charged
         res = Reservation(checks, decision.bucket, tokens, input_est, output_est)
         if funds:
-            res.budget = BudgetHold(hold_id, funds, decision.budgets, input_est, rate)
+            res.budget = BudgetHold(hold_id, funds, decision.budgets, input_est, rate,
+                                    self.budgets.today() if self.budgets else None)
         on_error = self.settings.redis.on_error
         if funds and self.budgets is not None:
             on_error = self.budgets.settings.on_error

@@ -196,8 +196,15 @@ class _CheapCheck:
         self.disconnect()
         if late is not None:
             _late_call.reply = late
-            threading.Thread(target=_await_late, args=(sock, late, LATE_REPLY_GRACE),
-                             name="redis-late-reply", daemon=True).start()
+            try:
+                threading.Thread(target=_await_late, args=(sock, late, LATE_REPLY_GRACE),
+                                 name="redis-late-reply", daemon=True).start()
+            except RuntimeError:  # no thread to be had (shutting down): no reply, then
+                try:
+                    sock.close()
+                finally:
+                    _late_waits.release()
+                    late.deliver(None)
 
     def can_read(self, timeout: float = 0) -> bool:
         sock = self._sock
@@ -266,6 +273,10 @@ class _UnixConnection(_CheapCheck, redis.UnixDomainSocketConnection):
 
 _CONNECTION_CLASSES = {"redis": _Connection, "rediss": _SSLConnection, "unix": _UnixConnection}
 
+
+#: Budget settlements a worker keeps while Redis cannot take them (then they are lost to the
+#: counters, not to the ledger).
+MAX_QUEUED_SETTLEMENTS = 10_000
 
 #: Pool size when none is given (tests, scripts): gunicorn's default worker_connections + 1.
 DEFAULT_MAX_CONNECTIONS = 4097
@@ -465,7 +476,8 @@ class RedisStore:
             late: _LateReply | None = _late_call.reply
             if late is not None:
                 exc.late = _LateDecision(late, specs, len(budgets))
-            if carried or settling:
+            self._requeue(settling, exc)  # settling twice is harmless: sent again
+            if carried:
                 if late is None:
                     self._lost(exc)
                 else:  # the script may still run, and apply them
@@ -488,7 +500,11 @@ class RedisStore:
         if not todo and not settlements:
             return
         if self.reconcile_delay <= 0:
-            self._send(todo, settlements)
+            try:
+                self._send(todo, settlements)
+            except StoreError as exc:
+                self._requeue(settlements, exc)  # for the next reservation to carry
+                raise
             return
         timer: threading.Timer | None = None
         with self._lock:
@@ -523,6 +539,24 @@ class RedisStore:
         try:
             self._send(pending, settling)
         except StoreError as exc:
+            self._requeue(settling, exc)
+            if pending:
+                self._lost(exc)
+
+    def _requeue(self, settlements: Sequence[Settlement], exc: StoreError) -> None:
+        """Keep settlements that may not have reached Redis for the next call to carry.
+
+        Unlike a rate-limit correction, a settlement dropped would leave its spend out of
+        the budget for good (a total never expires); settling is idempotent (budget.lua),
+        so sending one twice is harmless. At most :data:`MAX_QUEUED_SETTLEMENTS` wait.
+        """
+        if not settlements:
+            return
+        with self._lock:
+            room = MAX_QUEUED_SETTLEMENTS - len(self._settling)
+            kept = list(settlements[:max(room, 0)])
+            self._settling[:0] = kept
+        if len(kept) < len(settlements):
             self._lost(exc)
 
     def _take_pending(self) -> tuple[_Pending, list[Settlement]]:

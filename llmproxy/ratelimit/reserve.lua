@@ -169,7 +169,7 @@ for k = 1, m do
   local key, zkey = KEYS[n + 2 * k - 1], KEYS[n + 2 * k]
   local a = budget_args + 4 * (k - 1)
   local cost = ARGV[a + 2]
-  if allowed and tonumber(cost) > 0 then
+  if allowed then  -- a hold of 0 too: it is what the settlement is matched against
     redis.call('HSET', key, 'h:' .. hold, cost)
     held[k] = redis.call('HINCRBY', key, 'h', cost)
     redis.call('ZADD', zkey, now + hold_ttl, hold)

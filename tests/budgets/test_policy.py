@@ -77,9 +77,49 @@ def test_an_unpriced_model_is_refused_or_let_through() -> None:
     assert funds and funds[0].spec.cost == 0
 
 
-def test_a_call_without_a_model_holds_nothing_but_is_still_charged_later() -> None:
-    funds, _ = policy().funds(exchange(model=None), 10)
+def test_a_call_without_a_model_is_refused_unless_it_only_reads() -> None:
+    """A multipart upload or a stored-prompt run cannot be priced before it runs: under a
+    budget it is refused (unpriced: deny), or holds nothing and pays its cost at the end."""
+    with pytest.raises(Unpriced):
+        policy().funds(exchange(model=None), 10)
+    funds, _ = policy(unpriced="allow").funds(exchange(model=None), 10)
     assert funds and all(f.spec.cost == 0 for f in funds)
+    listing = exchange(model=None)
+    listing.method = "GET"
+    funds, _ = policy().funds(listing, 10)
+    assert funds and all(f.spec.cost == 0 for f in funds)
+
+
+def test_token_counting_is_free_and_holds_nothing() -> None:
+    ex = exchange()
+    ex.dialect, ex.provider = "anthropic", "anthropic"
+    ex.upstream_path = "/v1/messages/count_tokens"
+    p = BudgetPolicy(parse_budgets({"budgets": {"enabled": True}}),
+                     PricingTable(parse_pricing({"pricing": {"anthropic": PRICES["openai"]}})),
+                     BudgetBook(dict, 60), lambda *_: 0, clock=lambda: NOW)
+    funds, _ = p.funds(ex, 1000)
+    assert funds and all(f.spec.cost == 0 for f in funds)
+
+
+def test_several_choices_hold_their_output_each() -> None:
+    from llmproxy.providers import DIALECTS
+
+    info = DIALECTS["openai"].inspect("POST", "/v1/chat/completions", "", {},
+                                      b'{"model": "m1", "n": 3, "max_tokens": 100}')
+    assert info.choices == 3 and info.max_output_tokens == 300
+    ex = exchange()
+    ex.request_info = info
+    funds, _ = policy().funds(ex, input_tokens=0)
+    assert funds[0].spec.cost == 300 * 10_000  # 300 tokens at $10/M
+    no_cap = DIALECTS["openai"].inspect("POST", "/v1/chat/completions", "", {},
+                                        b'{"model": "m1", "n": 2}')
+    ex.request_info = no_cap
+    funds, _ = policy(default_output_tokens=1000).funds(ex, input_tokens=0)
+    assert funds[0].spec.cost == 2 * 1000 * 10_000
+    gem = DIALECTS["gemini"].inspect(
+        "POST", "/v1beta/models/g:generateContent", "", {},
+        b'{"generationConfig": {"candidateCount": 4, "maxOutputTokens": 50}}')
+    assert gem.choices == 4 and gem.max_output_tokens == 200
 
 
 def test_the_refusing_fund_that_resets_last_is_named() -> None:
@@ -130,6 +170,18 @@ def test_spend_row_names_every_identity() -> None:
     assert (row.cost_nanos, row.requests, row.input_tokens, row.output_tokens) == (42, 1, 7, 3)
     refused = exchange()  # never forwarded, nothing charged: not spend
     assert spend_row(refused) is None
+
+
+def test_spend_row_names_are_storable_and_dated_by_the_periods_held() -> None:
+    ex = exchange(model="bad\x00model\ud800\n")
+    ex.user = "ann\x07"
+    ex.upstream_status, ex.charged_nanos = 404, 0
+    ex.reservation = type("R", (), {"budget": Hold("h", [], [], 0, 0.0, date(2026, 12, 31))})()
+    ex.started_wall = NOW + 3600  # ended after midnight: still the day it was charged to
+    row = spend_row(ex)
+    assert row is not None
+    assert (row.model, row.user, row.day) == ("badmodel", "ann", date(2026, 12, 31))
+    row.model.encode("utf-8")  # no lone surrogate left
 
 
 def test_the_book_waits_for_its_first_load_and_keeps_the_last_one_on_failure() -> None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from llmproxy.ratelimit.store import BudgetSpec, CounterSpec, Settlement
+import pytest
+import redis
+from services import RedisServer
+
+from llmproxy.ratelimit.redis import RedisStore, connect
+from llmproxy.ratelimit.store import BudgetSpec, CounterSpec, Settlement, StoreError
 
 from .conftest import FakeClock, StoreFactory
 
@@ -62,7 +67,8 @@ def test_a_settlement_twice_counts_once_for_the_hold(make_store: StoreFactory) -
     store = make_store()
     assert store.reserve([], [spec()], "h0", 60).allowed
     store.adjust([], [Settlement("budget:user:a:day:1", "h0", 100, 0)])
-    store.adjust([], [Settlement("budget:user:a:day:1", "h0", 0, 0)])
+    # sent again (its first reply was lost): the hold is gone, so nothing changes
+    store.adjust([], [Settlement("budget:user:a:day:1", "h0", 100, 0)])
     state = store.reserve([], [spec(cost=0)], "probe", 60).budgets[0]
     assert (state.spent, state.held) == (100, 0)
 
@@ -112,3 +118,52 @@ def test_large_amounts_stay_exact(make_store: StoreFactory) -> None:
     state = store.reserve([], [spec("budget:user:big:total:all", cost=0, limit=10**15)],
                           "p", 60).budgets[0]
     assert state.spent == big + 123_456_789 and state.held == 0
+
+
+def test_a_call_that_held_nothing_is_still_charged(make_store: StoreFactory) -> None:
+    """A call whose model was unknown holds 0, and pays what it was seen to cost."""
+    store = make_store()
+    assert store.reserve([], [spec(cost=0)], "h0", 60).allowed
+    store.adjust([], [Settlement("budget:user:a:day:1", "h0", 250, 0)])
+    state = store.reserve([], [spec(cost=0)], "probe", 60).budgets[0]
+    assert (state.spent, state.held) == (250, 0)
+
+
+def test_a_settlement_that_timed_out_is_sent_again_and_counted_once(
+        redis_server: RedisServer) -> None:
+    """Redis runs the settlement later than the call's timeout: the store keeps it and the
+    next call carries it again; the hold is the token, so the spend counts once."""
+    store = RedisStore(connect(redis_server.url, 50), "t:")
+    assert store.reserve([], [spec(cost=300)], "h0", 60).allowed
+    pauser = redis_server.client()
+    try:
+        assert pauser.client_pause(300, all=False)  # scripts wait 300 ms: later than 50
+        with pytest.raises(StoreError):
+            store.adjust([], [Settlement("budget:user:a:day:1", "h0", 120, 0)])
+        pauser.set("unpaused", 1)  # a write: answered once the pause is over
+    finally:
+        pauser.close()
+    state = store.reserve([], [spec(cost=0)], "probe", 60).budgets[0]  # carries it again
+    assert (state.spent, state.held) == (120, 0)
+    store.close()
+
+
+def test_settlements_wait_while_redis_is_down(redis_server: RedisServer) -> None:
+    store = RedisStore(connect(redis_server.url, 200), "t:")
+    assert store.reserve([], [spec(cost=300)], "h0", 60).allowed
+    admin = redis_server.client()
+    admin.config_set("requirepass", "closed-for-a-moment")
+    admin.client_kill_filter(_type="normal", skipme=True)  # the store's pooled connection
+    admin.close()
+    try:
+        with pytest.raises(StoreError):
+            store.adjust([], [Settlement("budget:user:a:day:1", "h0", 90, 0)])
+        with pytest.raises(StoreError):  # still refused: the settlement stays queued
+            store.reserve([], [spec(cost=0)], "p1", 60)
+    finally:
+        admin = redis.Redis.from_url(redis_server.url, password="closed-for-a-moment")
+        admin.config_set("requirepass", "")
+        admin.close()
+    state = store.reserve([], [spec(cost=0)], "p2", 60).budgets[0]
+    assert (state.spent, state.held) == (90, 0)
+    store.close()
