@@ -52,7 +52,7 @@ TARGETS = {
     "E": "cost <= 15 % of B (memory), <= 30 % (redis)",
     "F": "OpenTelemetry on: CPU per request <= x1.10 telemetry off",
     "G": "proxy keys on: cost <= 10 % of B (pass-through) by CPU per request",
-    "H": "budgets on (Redis): CPU per request <= x1.25 pass-through",
+    "H": "budgets on (Redis): CPU per request <= x1.25 pass-through (budgets off)",
 }
 
 
@@ -972,19 +972,21 @@ def scenario_g(r: Runner) -> dict[str, Any]:
 _CREATE_BUDGET_KEY = ("import sys; from llmproxy.keys.store import KeyStore; "
                       "from llmproxy.budgets.model import Budget; "
                       "s = KeyStore.from_url(sys.argv[1]); s.migrate(); "
-                      "print(s.create('bench', user='bench-user', team='bench', "
+                      "s.set_budget('user', 'bench-user', Budget(day=100000.0, total=900000.0)); "
+                      "print(s.create('bench', user='bench-key-user', team='bench', "
                       "budgets=Budget(day=100000.0, total=900000.0))[1])")
 
 
 def _budget_config(url: str, redis_port: int, *, budgets: bool = True,
-                   limits: bool = False) -> dict[str, Any]:
-    """Proxy keys over ``url``, Redis on ``redis_port``; budgets and/or rate limits on."""
+                   limits: bool = False, keys: bool = True) -> dict[str, Any]:
+    """The database at ``url``, Redis on ``redis_port``; proxy keys, budgets and/or rate
+    limits on."""
     rl: dict[str, Any] = {"enabled": limits, "backend": "redis", "redis": {
         "url": f"redis://{HOST}:{redis_port}/0", "reconcile_delay_ms": 50}}
     if limits:
         rl["limits"] = {"requests_per_minute": 100_000_000, "tokens_per_minute": 1_000_000_000}
-    return {"auth": {"mode": "keys", "database_url": url}, "budgets": {"enabled": budgets},
-            "features": {"rate_limiting": rl}}
+    return {"auth": {"mode": "keys" if keys else "passthrough", "database_url": url},
+            "budgets": {"enabled": budgets}, "features": {"rate_limiting": rl}}
 
 
 def _budget_refuses(r: Runner, proxy: Proxy, url: str) -> bool:
@@ -1002,11 +1004,12 @@ def _budget_refuses(r: Runner, proxy: Proxy, url: str) -> bool:
 
 
 def scenario_h(r: Runner) -> dict[str, Any]:
-    """B with budgets on (a proxy key with day and total budgets, the Redis backend: one
-    reservation round trip per call, settlements carried by the next one, the ledger written
-    in batches) against pass-through, in alternating slices like G. Two more proxies show
-    what budgets add to a deployment that already has proxy keys and Redis rate limits
-    (the budgets then ride in the limits' round trip)."""
+    """B with budgets on against the same pass-through proxy with budgets off, in
+    alternating slices like G: a day and a total budget on the body's user, the Redis
+    backend (one reservation round trip per call, settlements carried by the next one, the
+    ledger written in batches). Three more proxies show budgets on a proxy key (proxy keys
+    on as well) and what budgets add to proxy keys with Redis rate limits (they ride in the
+    limits' round trip)."""
     url = f"sqlite:///{r.workdir / 'budgets.db'}"
     try:
         out = subprocess.run([sys.executable, "-c", _CREATE_BUDGET_KEY, url],
@@ -1020,15 +1023,20 @@ def scenario_h(r: Runner) -> dict[str, Any]:
     plain = {**HEADERS, "Authorization": "Bearer sk-bench"}
     keyed = {**HEADERS, "Authorization": f"Bearer {secret}"}
     proxies = {"passthrough": r.proxy(None, SERVER_KEYS),
+               # the same pass-through proxy with budgets on: the body's user has one
+               "user_budgets": r.proxy(_budget_config(url, redis.port, keys=False),
+                                       SERVER_KEYS),
                "budgets": r.proxy(_budget_config(url, redis.port), SERVER_KEYS),
                "limits": r.proxy(_budget_config(url, redis.port, budgets=False, limits=True),
                                  SERVER_KEYS),
                "limits_budgets": r.proxy(_budget_config(url, redis.port, limits=True),
                                          SERVER_KEYS)}
     try:
-        summary = _alternating(r, [(mode, proxy, plain if mode == "passthrough" else keyed)
+        summary = _alternating(r, [(mode, proxy, plain if mode in ("passthrough",
+                                                                   "user_budgets") else keyed)
                                    for mode, proxy in proxies.items()])
-        verified = _budget_refuses(r, proxies["budgets"], url)
+        verified = _budget_refuses(r, proxies["budgets"], url) and _user_budget_on(
+            proxies["user_budgets"])
     finally:
         for proxy in proxies.values():
             proxy.stop()
@@ -1042,17 +1050,34 @@ def scenario_h(r: Runner) -> dict[str, Any]:
                  if y]
         return (round(a / b, 3) if b else None), [round(x, 3) for x in pairs]
 
+    on_off, on_off_pairs = ratio("user_budgets", "passthrough")
     vs_pass, pairs = ratio("budgets", "passthrough")
     vs_limits, limit_pairs = ratio("limits_budgets", "limits")
     summary["budgets"]["budgets_verified"] = verified
     errors = sum(row["errors"] for row in summary.values())
     return {
-        "available": True, "baseline": summary["passthrough"], "budgets": summary["budgets"],
+        "available": True, "baseline": summary["passthrough"],
+        "user_budgets": summary["user_budgets"], "budgets": summary["budgets"],
         "limits": summary["limits"], "limits_budgets": summary["limits_budgets"],
+        "cpu_ratio_budgets_on_off": on_off, "paired_cpu_ratios_on_off": on_off_pairs,
         "cpu_ratio_vs_passthrough": vs_pass, "paired_cpu_ratios": pairs,
         "cpu_ratio_vs_limits": vs_limits, "paired_cpu_ratios_vs_limits": limit_pairs,
-        "pass": vs_pass is not None and vs_pass <= 1.25 and errors == 0 and verified,
+        "pass": on_off is not None and on_off <= 1.25 and errors == 0 and verified,
     }
+
+
+def _user_budget_on(proxy: Proxy) -> bool:
+    """The pass-through proxy's calls carry the body user's budget: it is really on."""
+    conn = http.client.HTTPConnection(HOST, proxy.port, timeout=10)
+    try:
+        conn.request("POST", "/openai" + CHAT_PATH, json.dumps(CHAT_BODY).encode(),
+                     {**HEADERS, "Authorization": "Bearer sk-bench",
+                      "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status == 200 and resp.getheader("X-Budget-Scope") == "user:bench-user"
+    finally:
+        conn.close()
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -1221,16 +1246,21 @@ def render(results: dict[str, Any]) -> str:
         if not f.get("available"):
             add(f"  not available: {f.get('reason')}")
         else:
-            for label, row in (("pass-through", f["baseline"]), ("budgets", f["budgets"]),
+            for label, row in (("pass-through", f["baseline"]),
+                               ("user budgets", f["user_budgets"]),
+                               ("key budgets", f["budgets"]),
                                ("keys+limits", f["limits"]),
                                ("+ budgets", f["limits_budgets"])):
                 add(f"  {label:13}{row['rps']:>8,.0f} req/s  p99 {row['p99_ms']:.2f} ms  "
                     f"{row['proxy_cpu_s_per_1000']:.3f} s CPU / 1,000 (median of "
                     f"{len(row['slices_cpu_s_per_1000'])} slices)")
+            paired = ", ".join(f"x{x:.2f}" for x in f["paired_cpu_ratios_on_off"])
+            add(f"  budgets on/off (pass-through, a user budget): CPU per request "
+                f"x{_f(f['cpu_ratio_budgets_on_off'])} (slice pairs: {paired})  budgets "
+                f"verified {_f(f['budgets']['budgets_verified'])}  [{_verdict(f.get('pass'))}]")
             paired = ", ".join(f"x{x:.2f}" for x in f["paired_cpu_ratios"])
-            add(f"  CPU per request x{_f(f['cpu_ratio_vs_passthrough'])} pass-through "
-                f"(slice pairs: {paired})  budgets verified "
-                f"{_f(f['budgets']['budgets_verified'])}  [{_verdict(f.get('pass'))}]")
+            add(f"  proxy keys with budgets over pass-through: "
+                f"x{_f(f['cpu_ratio_vs_passthrough'])} (slice pairs: {paired})")
             paired = ", ".join(f"x{x:.2f}" for x in f["paired_cpu_ratios_vs_limits"])
             add(f"  budgets over keys + Redis rate limits: x{_f(f['cpu_ratio_vs_limits'])} "
                 f"(slice pairs: {paired})")
