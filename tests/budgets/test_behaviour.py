@@ -207,3 +207,23 @@ def test_key_budgets_reach_the_metrics(make_app: Callable[..., Flask], db_url: s
     assert value == pytest.approx(one)  # the first call settled before the second reserved
     remaining = f'llmproxy_budget_remaining_usd{{key_id="{key.id}",window="day"}}'
     assert any(x.startswith(remaining) for x in text.splitlines())
+
+
+def test_a_refusal_carries_cors_headers_a_browser_can_read(
+        make_app: Callable[..., Flask], db_url: str, fake_upstream: Any) -> None:
+    store = KeyStore.from_url(db_url)
+    store.migrate()
+    store.set_budget("user", USER, Budget(total=0.0))
+    store.close()
+    app = make_app({"auth": {"database_url": db_url}, "budgets": {"enabled": True},
+                    "pricing": {"openai": {"models": {MODEL: {"input": PRICE_IN,
+                                                              "output": PRICE_OUT}}}}})
+    resp = post(app.test_client(), Origin="https://app.example")
+    assert resp.status_code == 429
+    assert resp.headers["Access-Control-Allow-Origin"] in ("*", "https://app.example")
+    exposed = resp.headers["Access-Control-Expose-Headers"].lower()
+    for name in ("x-should-retry", "x-budget-scope", "x-budget-window", "x-budget-limit-usd",
+                 "x-budget-remaining-usd", "retry-after"):
+        assert name in exposed
+    assert resp.headers["x-should-retry"] == "false"
+    assert fake_upstream.requests == []
