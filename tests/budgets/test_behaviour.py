@@ -21,6 +21,9 @@ from llmproxy.observe import metrics
 MODEL = "priced-model"
 PRICE_IN, PRICE_OUT = 100.0, 1000.0  # USD per million tokens
 USER = "alice"
+# The ledger writer's thread outlives the test: an hour between flushes keeps it asleep
+# (its work would show in other tests' allocation counts, tests/workmeter.py).
+QUIET_BUDGETS = {"enabled": True, "ledger_flush_seconds": 3600}
 
 
 @pytest.fixture
@@ -166,7 +169,7 @@ def test_unknown_budget_store_answers_503_when_closed(
     store.set_budget("user", USER, Budget(day=1.0))
     store.close()
     with closed_port() as port:
-        app = make_app({"auth": {"database_url": db_url}, "budgets": {"enabled": True},
+        app = make_app({"auth": {"database_url": db_url}, "budgets": QUIET_BUDGETS,
                         "features": {"rate_limiting": {"backend": "redis", "redis": {
                             "url": f"redis://127.0.0.1:{port}/0", "timeout_ms": 100}}},
                         "pricing": {"openai": {"models": {MODEL: {"input": PRICE_IN,
@@ -190,7 +193,7 @@ def test_key_budgets_reach_the_metrics(make_app: Callable[..., Flask], db_url: s
     key, secret = store.create("metered", budgets=Budget(day=2.0, total=5.0))
     store.close()
     app = make_app({"auth": {"mode": "keys", "database_url": db_url},
-                    "budgets": {"enabled": True},
+                    "budgets": QUIET_BUDGETS,
                     "pricing": {"openai": {"models": {MODEL: {"input": PRICE_IN,
                                                               "output": PRICE_OUT}}}}})
     client = app.test_client()
@@ -215,7 +218,7 @@ def test_a_refusal_carries_cors_headers_a_browser_can_read(
     store.migrate()
     store.set_budget("user", USER, Budget(total=0.0))
     store.close()
-    app = make_app({"auth": {"database_url": db_url}, "budgets": {"enabled": True},
+    app = make_app({"auth": {"database_url": db_url}, "budgets": QUIET_BUDGETS,
                     "pricing": {"openai": {"models": {MODEL: {"input": PRICE_IN,
                                                               "output": PRICE_OUT}}}}})
     resp = post(app.test_client(), Origin="https://app.example")
