@@ -17,7 +17,7 @@ from typing import TextIO
 from ..config import ConfigError, load_settings
 from ..keys.model import KeyValidationError, is_key_id, parse_scope
 from ..keys.store import SPEND_GROUPS, KeyStore, KeyStoreError, UnknownKeyError
-from .model import WINDOWS, Budget, BudgetValidationError, parse_budget
+from .model import WINDOW_PHRASES, WINDOWS, Budget, BudgetValidationError, parse_budget
 
 _PROG = "python -m llmproxy"
 
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     setting.add_argument("scope", help=scope)
     for window in WINDOWS:
         setting.add_argument(f"--{window}", type=float, metavar="USD",
-                             help=f"limit per {'UTC ' if window != 'total' else ''}{window}")
+                             help=f"limit {WINDOW_PHRASES[window]}")
     command("show", f"show the budget of {scope}").add_argument("scope", help=scope)
     command("list", "list the budgets of users and teams")
     command("clear", f"remove the budget of {scope}").add_argument("scope", help=scope)

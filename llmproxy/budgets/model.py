@@ -17,6 +17,9 @@ from typing import Any
 NANOS_PER_USD = 1_000_000_000
 #: The budget windows: a UTC calendar day, a UTC calendar month, and ever (prepaid).
 WINDOWS = ("day", "month", "total")
+# How each window reads in help texts.
+WINDOW_PHRASES = {"day": "per UTC day", "month": "per UTC calendar month",
+                  "total": "in total (prepaid, never resets)"}
 #: Who a budget belongs to.
 SCOPE_KINDS = ("key", "user", "team")
 #: Largest budget accepted, in USD: counters stay exact integers in Lua's doubles (2^53 ns).

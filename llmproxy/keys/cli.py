@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
-from ..budgets.model import WINDOWS
+from ..budgets.model import WINDOW_PHRASES, WINDOWS
 from ..config import LIMIT_KEYS, ConfigError, load_settings
 from .model import KeyValidationError, ProxyKey, is_key_id, utcnow, validate_fields
 from .store import KeyStore, KeyStoreError, UnknownKeyError
@@ -52,7 +52,7 @@ def _field_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
     parser.add_argument("--metadata", metavar="JSON", help="free-form JSON object")
     for window in WINDOWS:
         parser.add_argument(f"--budget-{window}", metavar="USD",
-                            help=f"the key's spend budget per {window}"
+                            help=f"the key's spend budget {WINDOW_PHRASES[window]}"
                                  + (" (other windows are kept; an empty value removes this "
                                     "one)" if update else ""))
     if update:
