@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import quote
 
 from flask import Flask, Response, g
 
@@ -69,6 +70,19 @@ def memory_worker_warning(settings: RateLimitSettings,
 def _usd(nanos: int) -> str:
     """A header value in USD: six decimals, the precision a person reads."""
     return f"{to_usd(nanos):.6f}"
+
+
+# Printable ASCII but "%": what a scope name keeps as is in a header value.
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def _header_text(name: str) -> str:
+    """A user's, team's or model's name as a header value: printable ASCII as is, anything
+    else (and "%") percent-encoded UTF-8. A server refuses a whole answer whose header holds
+    other characters, after the call was forwarded and before it could be settled."""
+    if name.isascii() and name.isprintable() and "%" not in name:
+        return name
+    return quote(name.encode("utf-8", "surrogateescape"), safe=_HEADER_SAFE)
 
 
 def build_store(settings: RateLimitSettings,
@@ -194,7 +208,7 @@ class RateLimit:
             # The OpenAI and Anthropic SDKs retry a 429 unless told not to: waiting a few
             # seconds does not bring a spent budget back.
             "x-should-retry": "false",
-            "X-Budget-Scope": fund.scope,
+            "X-Budget-Scope": _header_text(fund.scope),
             "X-Budget-Window": fund.window,
             "X-Budget-Limit-USD": _usd(fund.spec.limit),
             "X-Budget-Remaining-USD": _usd(denial.remaining),
@@ -235,12 +249,12 @@ class RateLimit:
             "Retry-After": str(wait),
             # Honoured by the OpenAI and Anthropic SDKs in preference to Retry-After.
             "Retry-After-Ms": str(max(1000, math.ceil(denial.retry_after * 1000))),
-            "X-RateLimit-Scope": check.scope.name,
+            "X-RateLimit-Scope": _header_text(check.scope.name),
             "X-RateLimit-Metric": check.metric,
             "X-RateLimit-Window": check.window,
             "X-RateLimit-Limit": str(check.spec.limit),
             "X-RateLimit-Remaining": str(denial.remaining),
-            "X-RateLimit-Reason": denial.reason,
+            "X-RateLimit-Reason": _header_text(denial.reason),
         }
         message = f"Rate limit exceeded: {denial.reason}. Retry after {wait} s."
         return error_response(ex.dialect, 429, message, request_id=ex.request_id,
@@ -277,7 +291,7 @@ class RateLimit:
         tightest_fund = res.budget.tightest() if res.budget is not None else None
         if tightest_fund is not None:
             fund, room = tightest_fund
-            response.headers["X-Budget-Scope"] = fund.scope
+            response.headers["X-Budget-Scope"] = _header_text(fund.scope)
             response.headers["X-Budget-Window"] = fund.window
             response.headers["X-Budget-Limit-USD"] = _usd(fund.spec.limit)
             response.headers["X-Budget-Remaining-USD"] = _usd(room)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import unquote
 
 import anthropic
 import httpx2
@@ -198,6 +199,41 @@ def test_user_and_team_budgets_and_headers_on_allowed_calls(
     assert headers["x-budget-scope"] == "team:red" and headers["x-budget-window"] == "month"
     assert int(headers["retry-after"]) > 0
     assert float(headers["x-budget-remaining-usd"]) == 0.0
+
+
+def test_names_beyond_ascii_reach_the_headers_encoded(
+        start_proxy: ProxyFactory, fake_upstream: FakeUpstream, tmp_path: Any) -> None:
+    """A user or team named in any script: the answer still goes out (a header value may
+    carry printable ASCII only, and a server refuses the whole answer otherwise), with the
+    name percent-encoded, and the call is settled."""
+    cfg = config(f"sqlite:///{tmp_path / 'k.db'}")
+    cfg["features"]["rate_limiting"] |= {
+        "enabled": True, "overrides": {"per_user": {"研究": {"requests_per_minute": 1}}}}
+    proxy = start_proxy(config=cfg, workers=1, env=SERVER_KEYS)
+    admin(proxy, "PUT", "/budgets/team:研究 ml%", {"month": 2 * CALL_NANOS / 1e9})
+    made = admin(proxy, "POST", "/keys", {"name": "k", "user": "Łukasz", "team": "研究 ml%"})
+    client = openai_client(proxy.url, new_request_id(), api_key=made["key"])
+    encoded = "team:%E7%A0%94%E7%A9%B6 ml%25"
+    status, headers = chat(client, stream=False)
+    assert status == 200 and headers["x-budget-scope"] == encoded
+    assert unquote(headers["x-budget-scope"]) == "team:研究 ml%"
+    status, headers = chat(client, stream=True)
+    assert status == 200 and headers["x-budget-scope"] == encoded
+    status, headers = chat(client, stream=False)
+    assert status == 429 and headers["x-budget-scope"] == encoded
+    assert "insufficient_quota" in headers["body"]
+    until(lambda: spend_total(proxy, made["id"]) == pytest.approx(2 * CALL_NANOS / 1e9))
+
+    # a rate limit on a user the request names: its scope is in the refusal's headers too
+    mixed = start_proxy(config=cfg | {"auth": cfg["auth"] | {"mode": "mixed"}}, workers=1,
+                        env=SERVER_KEYS)
+    own = openai_client(mixed.url, new_request_id(), api_key="sk-callers-own")
+    own.chat.completions.create(model=MODEL, user="研究", messages=[])
+    with pytest.raises(openai.RateLimitError) as err:
+        own.chat.completions.create(model=MODEL, user="研究", messages=[])
+    scope = err.value.response.headers["x-ratelimit-scope"]
+    assert scope.isascii() and "研究" in unquote(scope)
+    assert "研究" in unquote(err.value.response.headers["x-ratelimit-reason"])
 
 
 def test_unpriced_models_are_refused_under_a_budget(
