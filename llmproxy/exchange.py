@@ -139,6 +139,9 @@ class Exchange:
     ttfb: float | None = None  # seconds to the first response byte leaving the proxy
     status: int | None = None  # the status the client got
     upstream_status: int | None = None  # the status the provider answered with, if it did
+    # The request went to the provider (set before sending, cleared when the connection or
+    # the upload failed): from then on the provider may run it, whether an answer comes or not.
+    forwarded: bool = False
     outcome: Outcome | None = None
     error_kind: ErrorKind | None = None
     request_bytes: int = 0
@@ -168,6 +171,18 @@ class Exchange:
     @property
     def finished(self) -> bool:
         return self._finished
+
+    @property
+    def unanswered(self) -> bool:
+        """Sent to the provider, and no answer came (a read timeout, a client that left while
+        waiting, a worker that stopped): the provider may have run the call whole."""
+        return self.forwarded and self.upstream_status is None
+
+    @property
+    def cut_short(self) -> bool:
+        """An answer the provider gave (a success) that the client or a shutdown ended early."""
+        return (self.outcome in (Outcome.CLIENT_ABORTED, Outcome.SHUTDOWN)
+                and self.upstream_status is not None and self.upstream_status < 400)
 
     def mark_first_byte(self) -> None:
         if self.ttfb is None:

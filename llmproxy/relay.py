@@ -70,6 +70,7 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
             headers[name] = readable_accept_encoding(headers[name])
     if ex.span is not None:  # telemetry on: the provider sees the proxy's span as parent
         current_app.extensions[TELEMETRY_KEY].inject(ex, headers)
+    ex.forwarded = True
     try:
         resp = _send_watching_client(state, request.method, g.upstream_url, headers, body,
                                      request.environ.get("gunicorn.socket"))
@@ -78,6 +79,7 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
         return _fail(ex, provider, 499, ErrorKind.CLIENT_GONE,
                      "The client closed the connection.")
     except RequestBodyError as exc:
+        ex.forwarded = False  # an upload cut short: the provider has no whole request to run
         if exc.kind in (ErrorKind.CLIENT_GONE, ErrorKind.BODY_TIMEOUT):
             ex.outcome = Outcome.CLIENT_ABORTED
         if exc.kind == ErrorKind.BODY_TIMEOUT:
@@ -92,6 +94,7 @@ def proxy_view(rest: str, user_id: str | None = None) -> Response:
     except UpstreamError as exc:
         _count_streamed_upload(ex, body)
         log.debug("upstream %s failed: %s", ex.provider, identity.redact_query(exc.detail))
+        ex.forwarded = exc.kind == ErrorKind.TIMEOUT  # a connection that failed ran nothing
         if exc.kind == ErrorKind.TIMEOUT:
             return _fail(ex, provider, 504, exc.kind,
                          f"The {provider.name} API did not answer in time.")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 
 from ..config import BudgetSettings
-from ..exchange import Exchange, Outcome
+from ..exchange import Exchange
 from ..pricing import PricingTable
 from ..providers import DIALECTS
 from .model import (
@@ -37,7 +37,6 @@ log = logging.getLogger("llmproxy.budgets")
 
 #: Counters of a period are kept this long after it ended (late settlements still land).
 KEEP_AFTER_PERIOD = 86400
-_CUT_SHORT = (Outcome.CLIENT_ABORTED, Outcome.SHUTDOWN)
 # USD per million tokens -> nano-dollars per token: * 1e9 / 1e6.
 _NANOS_PER_PRICE_UNIT = 1000
 
@@ -141,6 +140,11 @@ class BudgetHold:
     input_tokens: int  # the input estimate the hold was priced from
     input_rate: float  # USD per million input tokens used for the hold
     day: date | None = None  # the UTC day of the periods held (the ledger's day)
+
+    @property
+    def cost(self) -> int:
+        """The nano-dollars held (the same on every fund)."""
+        return self.funds[0].spec.cost if self.funds else 0
 
     def tightest(self) -> tuple[Fund, int] | None:
         """The fund with the least room left after this hold, and that room (nanos)."""
@@ -290,7 +294,9 @@ class BudgetPolicy:
 
         A call the provider answered is charged its priced usage; a stream cut short (or one
         whose final usage never came) pays at least its input estimate and the output it
-        relayed; a call that failed before the provider consumed anything pays nothing.
+        relayed; a call sent whose answer never came pays its whole hold (the provider may
+        have run it, and bills it); a call that failed before the provider consumed anything
+        pays nothing.
         """
         if ex.dialect is None:
             return
@@ -304,7 +310,9 @@ class BudgetPolicy:
             nanos = round(ex.cost_usd * 1_000_000_000)
             if unreported_input and ex.cost_usd > 0:
                 nanos += math.ceil(input_tokens * input_rate * _NANOS_PER_PRICE_UNIT)
-        elif ex.outcome in _CUT_SHORT and ex.status is not None and ex.status < 400:
+        elif ex.unanswered:
+            nanos = hold.cost if isinstance(hold, BudgetHold) else 0
+        elif ex.cut_short:
             nanos = math.ceil(input_tokens * input_rate * _NANOS_PER_PRICE_UNIT)
         ex.charged_nanos = nanos
 

@@ -18,7 +18,7 @@ from functools import partial
 
 from ..budgets.policy import BudgetDenial, BudgetHold, BudgetPolicy, BudgetsUnavailable, Fund
 from ..config import RateLimitSettings
-from ..exchange import Exchange, Outcome, Usage
+from ..exchange import Exchange, Usage
 from .store import (
     Adjustment,
     CounterSpec,
@@ -37,7 +37,6 @@ WINDOWS = (("minute", 60, 1), ("day", 86400, 60))
 _TEMPLATE_CACHE_SIZE = 1024  # ~1 KB each; user and key scopes are unbounded sets
 # Calls that ended before their last byte, by the client or by the worker stopping: what
 # they consumed is charged, as far as it is known.
-_CUT_SHORT = (Outcome.CLIENT_ABORTED, Outcome.SHUTDOWN)
 _SAFE_ID = re.compile(r"^[\w.@:+\-/]{1,128}$")
 # Scope and Check are built per request and never changed: plain slotted dataclasses, like
 # the store's records (see store.py for why not frozen).
@@ -302,10 +301,12 @@ class Limiter:
         token_delta = 0
         if actual is not None:
             token_delta = actual - res.tokens
-        elif ex.outcome in _CUT_SHORT and (status is None or status < 400):
-            pass  # no usage seen before the client left (or the worker stopped): estimate stands
+        elif ex.cut_short or ex.unanswered:
+            # no usage seen before the client left or the worker stopped, or no answer at all
+            # to a request the provider got (it may have run it): the estimate stands
+            pass
         elif status is None or status >= 500:
-            # nothing came back from the provider (connect failure, timeout, 5xx): refund all
+            # the provider was not reached, or failed (5xx): refund all
             request_delta, token_delta = -1, -res.tokens
         elif status >= 400:
             token_delta = -res.tokens  # an error answer consumed no tokens

@@ -40,8 +40,10 @@ def budget_app(make_app: Callable[..., Flask], db_url: str, redis_server: RedisS
     store.set_budget("user", USER, Budget(day=1.0))
     store.close()
 
-    def factory(redis: dict[str, Any] | None = None, **budgets: Any) -> Flask:
+    def factory(redis: dict[str, Any] | None = None, upstream: dict[str, Any] | None = None,
+                **budgets: Any) -> Flask:
         return make_app({
+            "upstream": upstream or {},
             "auth": {"database_url": db_url},
             "budgets": {"enabled": True, "ledger_flush_seconds": 3600, **budgets},
             "features": {"rate_limiting": {"backend": "redis", "redis": {
@@ -113,6 +115,23 @@ def test_a_failed_call_pays_nothing(budget_app: Callable[..., Flask],
     fake_upstream.script(error("openai", 400))
     assert post(client).status_code == 400
     assert counter(redis_server) == (real_cost(fake_upstream), 0)
+
+
+def test_a_call_sent_whose_answer_never_came_pays_its_hold(
+        budget_app: Callable[..., Flask], redis_server: RedisServer, fake_upstream: Any) -> None:
+    """A read timeout: the provider got the call and may have run it whole (and bill it), so
+    the hold is paid, not refunded; the rate limiter's estimate stands alike."""
+    client = budget_app(upstream={"read_timeout": 0.3}).test_client()
+    first = post(client)
+    assert first.status_code == 200
+    hold = round((1.0 - float(first.headers["X-Budget-Remaining-USD"])) * 1e9)
+    assert hold > real_cost(fake_upstream)
+    fake_upstream.script(fake_upstream.scripts.delayed(5))
+    try:
+        assert post(client).status_code == 504
+    finally:
+        fake_upstream.release.set()
+    assert counter(redis_server) == (real_cost(fake_upstream) + hold, 0)
 
 
 def test_a_stream_the_client_leaves_pays_its_prompt_and_what_it_relayed(

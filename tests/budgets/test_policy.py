@@ -151,12 +151,29 @@ def test_charge_is_the_priced_usage_and_an_aborted_stream_pays_its_input() -> No
     assert ex.charged_nanos == 1_000_000 + 1_000_000  # + 500 tokens at $2/M
     # cut short before anything came back: the input estimate
     ex.cost_usd, ex.outcome, ex.status = None, Outcome.CLIENT_ABORTED, 200
+    ex.upstream_status, ex.forwarded = 200, True
     p.charge(ex)
     assert ex.charged_nanos == 1_000_000
     # an error answer consumed nothing
-    ex.outcome, ex.status = Outcome.COMPLETED, 400
+    ex.outcome, ex.status, ex.upstream_status = Outcome.COMPLETED, 400, 400
     p.charge(ex)
     assert ex.charged_nanos == 0
+    # sent, and no answer came (a timeout, a client that left while waiting, a shutdown):
+    # the provider may have run it whole, so the whole hold is paid
+    hold = funds[0].spec.cost
+    assert hold > 1_000_000 and all(f.spec.cost == hold for f in funds)
+    for outcome, status in ((Outcome.UPSTREAM_ERROR, 504), (Outcome.CLIENT_ABORTED, 499),
+                            (Outcome.SHUTDOWN, None)):
+        ex.outcome, ex.status, ex.upstream_status = outcome, status, None
+        p.charge(ex)
+        assert ex.charged_nanos == hold
+    # never sent (the provider unreachable, the upload cut short, a shutdown before sending)
+    ex.forwarded = False
+    for outcome, status in ((Outcome.UPSTREAM_ERROR, 502), (Outcome.CLIENT_ABORTED, 499),
+                            (Outcome.SHUTDOWN, None)):
+        ex.outcome, ex.status = outcome, status
+        p.charge(ex)
+        assert ex.charged_nanos == 0
 
 
 def test_spend_row_names_every_identity() -> None:

@@ -96,27 +96,38 @@ def reserve(limiter: Limiter, ex: Exchange) -> Reservation:
     return res
 
 
-@pytest.mark.parametrize(("outcome", "status", "usage", "requests_delta", "tokens_delta"), [
-    (Outcome.COMPLETED, 200, Usage(input_tokens=50, output_tokens=10, total_tokens=60), 0, 60 - 20),
-    (Outcome.CLIENT_ABORTED, 200, Usage(input_tokens=50), 0, 50 - 20),  # what it consumed
-    (Outcome.CLIENT_ABORTED, 200, Usage(), 0, 0),  # nothing seen: the estimate stands
-    (Outcome.SHUTDOWN, 200, Usage(input_tokens=50), 0, 50 - 20),  # cut by the worker: alike
-    (Outcome.SHUTDOWN, 200, Usage(), 0, 0),
-    (Outcome.SHUTDOWN, None, Usage(), 0, 0),  # cut before the provider answered: it may bill
-    (Outcome.COMPLETED, 200, Usage(), 0, 0),
-    (Outcome.UPSTREAM_ERROR, 502, Usage(), -1, -20),  # unreachable: all refunded
-    (Outcome.COMPLETED, 503, Usage(), -1, -20),
-    (Outcome.COMPLETED, 400, Usage(), 0, -20),  # answered, consumed no tokens
-    (Outcome.UPSTREAM_ERROR, 200, Usage(input_tokens=50, output_tokens=3, total_tokens=53), 0, 33),
+# upstream: the status the provider answered with (None: no answer); sent: the request went
+# to the provider (ex.forwarded)
+@pytest.mark.parametrize(("outcome", "status", "upstream", "sent", "usage", "requests_delta",
+                          "tokens_delta"), [
+    (Outcome.COMPLETED, 200, 200, True, Usage(input_tokens=50, output_tokens=10,
+                                              total_tokens=60), 0, 60 - 20),
+    (Outcome.CLIENT_ABORTED, 200, 200, True, Usage(input_tokens=50), 0, 50 - 20),  # consumed
+    (Outcome.CLIENT_ABORTED, 200, 200, True, Usage(), 0, 0),  # nothing seen: estimate stands
+    (Outcome.SHUTDOWN, 200, 200, True, Usage(input_tokens=50), 0, 50 - 20),  # cut: alike
+    (Outcome.SHUTDOWN, 200, 200, True, Usage(), 0, 0),
+    (Outcome.SHUTDOWN, None, None, True, Usage(), 0, 0),  # cut before the answer: it may bill
+    (Outcome.SHUTDOWN, None, None, False, Usage(), -1, -20),  # cut before sending: refunded
+    (Outcome.UPSTREAM_ERROR, 504, None, True, Usage(), 0, 0),  # timed out: it may have run
+    (Outcome.CLIENT_ABORTED, 499, None, True, Usage(), 0, 0),  # left while the provider ran
+    (Outcome.CLIENT_ABORTED, 499, None, False, Usage(), 0, -20),  # left during the upload
+    (Outcome.COMPLETED, 200, 200, True, Usage(), 0, 0),
+    (Outcome.UPSTREAM_ERROR, 502, None, False, Usage(), -1, -20),  # unreachable: refunded
+    (Outcome.COMPLETED, 503, 503, True, Usage(), -1, -20),
+    (Outcome.COMPLETED, 400, 400, True, Usage(), 0, -20),  # answered, consumed no tokens
+    (Outcome.UPSTREAM_ERROR, 200, 200, True, Usage(input_tokens=50, output_tokens=3,
+                                                   total_tokens=53), 0, 33),
 ])
-def test_reconciliation_rules(outcome: str, status: int | None, usage: Usage,
-                              requests_delta: int, tokens_delta: int) -> None:
+def test_reconciliation_rules(outcome: str, status: int | None, upstream: int | None,
+                              sent: bool, usage: Usage, requests_delta: int,
+                              tokens_delta: int) -> None:
     limiter = Limiter(settings(limits={"requests_per_minute": 10, "tokens_per_day": 1000}),
                       MemoryStore(FakeClock()))
     ex = exchange()
     res = reserve(limiter, ex)
     assert res.tokens == 20
-    ex.outcome, ex.status, ex.meta.usage = outcome, status, usage
+    ex.outcome, ex.status, ex.meta.usage = Outcome(outcome), status, usage
+    ex.upstream_status, ex.forwarded = upstream, sent
     adjustments = limiter.adjustments(ex, res)
     for metric, expected in (("requests", requests_delta), ("tokens", tokens_delta)):
         mine = [a for a in adjustments if a.key.split(":")[-2] == metric]
