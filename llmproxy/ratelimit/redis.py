@@ -277,6 +277,10 @@ _CONNECTION_CLASSES = {"redis": _Connection, "rediss": _SSLConnection, "unix": _
 #: Budget settlements a worker keeps while Redis cannot take them (then they are lost to the
 #: counters, not to the ledger).
 MAX_QUEUED_SETTLEMENTS = 10_000
+#: At most this many queued settlements ride on one reservation (the rest wait for the next
+#: call or the timer): after an outage, one script carrying thousands would outlast its
+#: timeout, and then be sent again, whole, by the next call.
+MAX_CARRIED_SETTLEMENTS = 100
 
 #: Pool size when none is given (tests, scripts): gunicorn's default worker_connections + 1.
 DEFAULT_MAX_CONNECTIONS = 4097
@@ -458,7 +462,7 @@ class RedisStore:
     def reserve(self, specs: Sequence[CounterSpec], budgets: Sequence[BudgetSpec] = (),
                 hold: str = "", hold_ttl: float = 0.0) -> Decision:
         keys = [self.prefix + s.key for s in specs]
-        carried, settling = self._take_pending()
+        carried, settling = self._take_pending(MAX_CARRIED_SETTLEMENTS)
         args: list[str | int] = [self._now_arg(), len(specs), len(budgets), hold,
                                  int(hold_ttl * 1000), len(settling)]
         for s in specs:
@@ -477,11 +481,16 @@ class RedisStore:
             if late is not None:
                 exc.late = _LateDecision(late, specs, len(budgets))
             self._requeue(settling, exc)  # settling twice is harmless: sent again
-            if carried:
-                if late is None:
+            # The script may have run (a reply lost or too late to wait for): its holds are
+            # released by a later call, unless the late reply comes and settles them.
+            # Releasing a hold that was never taken changes nothing.
+            releases = [Settlement(b.key, hold, 0, b.expires_at) for b in budgets]
+            if late is None:
+                self._requeue(releases, exc)
+                if carried:
                     self._lost(exc)
-                else:  # the script may still run, and apply them
-                    late.then(self._lost_unless_answered(exc))
+            else:
+                late.then(self._unless_answered(exc, bool(carried), releases))
             raise
         finally:
             _late_call.wanted, _late_call.reply = False, None
@@ -536,12 +545,18 @@ class RedisStore:
         pending, settling = self._take_pending()
         if not pending and not settling:
             return
-        try:
-            self._send(pending, settling)
-        except StoreError as exc:
-            self._requeue(settling, exc)
-            if pending:
-                self._lost(exc)
+        # Settlements go in scripts of a bounded size (see MAX_CARRIED_SETTLEMENTS), the
+        # corrections with the first.
+        step = 10 * MAX_CARRIED_SETTLEMENTS
+        for start in range(0, max(len(settling), 1), step):
+            try:
+                self._send(pending, settling[start:start + step])
+            except StoreError as exc:
+                self._requeue(settling[start:], exc)
+                if pending:
+                    self._lost(exc)
+                return
+            pending = {}
 
     def _requeue(self, settlements: Sequence[Settlement], exc: StoreError) -> None:
         """Keep settlements that may not have reached Redis for the next call to carry.
@@ -559,10 +574,12 @@ class RedisStore:
         if len(kept) < len(settlements):
             self._lost(exc)
 
-    def _take_pending(self) -> tuple[_Pending, list[Settlement]]:
+    def _take_pending(self, most: int | None = None) -> tuple[_Pending, list[Settlement]]:
+        """The queued corrections, and the queued settlements (``most`` of them, if given)."""
         with self._lock:
             pending, self._pending = self._pending, {}
-            settling, self._settling = self._settling, []
+            settling = self._settling[:most]
+            del self._settling[:most]
         return pending, settling
 
     def _add_settlements(self, keys: list[str], args: list[str | int],
@@ -583,10 +600,15 @@ class RedisStore:
         self._add_corrections(keys, args, todo)
         self._run(self._reconcile, keys, args)
 
-    def _lost_unless_answered(self, exc: StoreError) -> Callable[[Any], None]:
+    def _unless_answered(self, exc: StoreError, carried: bool,
+                         releases: list[Settlement]) -> Callable[[Any], None]:
+        """What a reservation's late reply that never came leaves to do: the corrections it
+        carried are lost, and the holds it may have taken are released by a later call."""
         def settle(raw: Any) -> None:
             if raw is None:
-                self._lost(exc)
+                self._requeue(releases, exc)
+                if carried:
+                    self._lost(exc)
         return settle
 
     def _lost(self, exc: StoreError) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import redis
 from services import RedisServer
@@ -166,4 +168,52 @@ def test_settlements_wait_while_redis_is_down(redis_server: RedisServer) -> None
         admin.close()
     state = store.reserve([], [spec(cost=0)], "p2", 60).budgets[0]
     assert (state.spent, state.held) == (90, 0)
+    store.close()
+
+
+def test_a_hold_whose_reply_was_lost_is_released_by_the_next_call(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis ran a reservation whose reply was lost (a timeout with no late wait to be had:
+    all taken, or the connection dropped): its hold would stay for hold_seconds, refusing
+    calls the budget could pay. The store releases it with a later call (a no-op if it was
+    never taken)."""
+    store = RedisStore(connect(redis_server.url, 2000), "t:")
+    run = store._run
+
+    def ran_but_no_reply(script: Any, keys: Any, args: Any) -> Any:
+        run(script, keys, args)
+        raise StoreError("TimeoutError")
+
+    monkeypatch.setattr(store, "_run", ran_but_no_reply)
+    with pytest.raises(StoreError) as err:
+        store.reserve([], [spec(cost=300)], "h-lost", 60)
+    assert err.value.late is None
+    monkeypatch.setattr(store, "_run", run)
+    probe = redis_server.client()
+    assert probe.hget("t:{rl}:budget:user:a:day:1", "h") == b"300"  # it did run
+    probe.close()
+    state = store.reserve([], [spec(cost=0)], "probe", 60).budgets[0]  # carries the release
+    assert (state.spent, state.held) == (0, 0)
+    store.close()
+
+
+def test_settlements_queued_are_carried_a_bounded_number_at_a_time(
+        redis_server: RedisServer) -> None:
+    from llmproxy.ratelimit.redis import MAX_CARRIED_SETTLEMENTS
+
+    store = RedisStore(connect(redis_server.url, 2000), "t:", reconcile_delay=3600)
+    many = 2 * MAX_CARRIED_SETTLEMENTS + 20
+    for i in range(many):
+        assert store.reserve([], [spec(cost=1, limit=10**6)], f"h{i}", 60).allowed
+    store.adjust([], [Settlement("budget:user:a:day:1", f"h{i}", 2, 0) for i in range(many)])
+    state = store.reserve([], [spec(cost=0)], "p0", 60).budgets[0]
+    assert (state.spent, state.held) == (2 * MAX_CARRIED_SETTLEMENTS,
+                                         many - MAX_CARRIED_SETTLEMENTS)
+    state = store.reserve([], [spec(cost=0)], "p1", 60).budgets[0]
+    assert state.held == many - 2 * MAX_CARRIED_SETTLEMENTS
+    store.adjust([], [Settlement("budget:user:a:day:1", f"x{i}", 0, 0)
+                      for i in range(20 * MAX_CARRIED_SETTLEMENTS)])  # unknown: no-ops
+    store.flush()  # the rest, in scripts of a bounded size
+    state = store.reserve([], [spec(cost=0)], "p2", 60).budgets[0]
+    assert (state.spent, state.held) == (2 * many, 0)
     store.close()
