@@ -124,6 +124,7 @@ class Fund:
     period_start: date | None  # first day of the period, for the ledger; None: ever
     period_end: float  # epoch seconds when the period ends; 0: never
     spec: BudgetSpec
+    day: date  # the UTC day the periods were worked out for (the ledger's day for the call)
 
     @property
     def scope(self) -> str:
@@ -139,7 +140,12 @@ class BudgetHold:
     states: list[BudgetState]  # after holding
     input_tokens: int  # the input estimate the hold was priced from
     input_rate: float  # USD per million input tokens used for the hold
-    day: date | None = None  # the UTC day of the periods held (the ledger's day)
+
+    @property
+    def day(self) -> date | None:
+        """The UTC day of the periods held: the ledger's day for the call, also when it
+        ends after midnight."""
+        return self.funds[0].day if self.funds else None
 
     @property
     def cost(self) -> int:
@@ -232,6 +238,8 @@ class BudgetPolicy:
                 cost = math.ceil((input_tokens * input_rate + output * rates.output)
                                  * _NANOS_PER_PRICE_UNIT)
         periods = self._periods_now()
+        today = periods["day"][1]
+        assert today is not None
         funds: list[Fund] = []
         for kind, name, budget in scopes:
             for window in WINDOWS:
@@ -242,12 +250,8 @@ class BudgetPolicy:
                 spec = BudgetSpec(key=f"budget:{kind}:{name}:{window}:{pid}",
                                   limit=round(limit * 1_000_000_000), cost=cost,
                                   expires_at=end_s + KEEP_AFTER_PERIOD if end_s else 0)
-                funds.append(Fund(kind, name, window, start, float(end_s), spec))
+                funds.append(Fund(kind, name, window, start, float(end_s), spec, today))
         return funds, input_rate
-
-    def today(self) -> date | None:
-        """The UTC day of the periods the last :meth:`funds` held (the ledger's day)."""
-        return self._periods_now()["day"][1]
 
     def _periods_now(self) -> dict[str, tuple[str, date | None, int]]:
         """Each window's (period id, first day, end in epoch seconds; 0: never), worked

@@ -273,8 +273,7 @@ class Limiter:
             return _binding(checks, decision.states)
         res = Reservation(checks, decision.bucket, tokens, input_est, output_est)
         if funds:
-            res.budget = BudgetHold(hold_id, funds, decision.budgets, input_est, rate,
-                                    self.budgets.today() if self.budgets else None)
+            res.budget = BudgetHold(hold_id, funds, decision.budgets, input_est, rate)
         if checks:
             res.tightest = _tightest(checks, decision.states)
         return res
@@ -329,8 +328,7 @@ class Limiter:
             return  # never ran, or refused: nothing was charged
         res = Reservation(checks, decision.bucket, tokens, input_est, output_est)
         if funds:
-            res.budget = BudgetHold(hold_id, funds, decision.budgets, input_est, rate,
-                                    self.budgets.today() if self.budgets else None)
+            res.budget = BudgetHold(hold_id, funds, decision.budgets, input_est, rate)
         on_error = self.settings.redis.on_error
         if funds and self.budgets is not None:
             on_error = self.budgets.settings.on_error

@@ -193,7 +193,8 @@ def test_spend_row_names_are_storable_and_dated_by_the_periods_held() -> None:
     ex = exchange(model="bad\x00model\ud800\n")
     ex.user = "ann\x07"
     ex.upstream_status, ex.charged_nanos = 404, 0
-    ex.reservation = type("R", (), {"budget": Hold("h", [], [], 0, 0.0, date(2026, 12, 31))})()
+    funds, _ = policy().funds(exchange(), input_tokens=10)  # held at 23:59 on Dec 31
+    ex.reservation = type("R", (), {"budget": Hold("h", funds, [], 0, 0.0)})()
     ex.started_wall = NOW + 3600  # ended after midnight: still the day it was charged to
     row = spend_row(ex)
     assert row is not None
