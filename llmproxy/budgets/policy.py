@@ -209,19 +209,21 @@ class BudgetPolicy:
         :class:`BudgetsUnavailable`. A call whose model is unknown holds nothing: it is
         charged what it is seen to cost at its end.
         """
+        if ex.method in ("GET", "HEAD"):
+            return [], 0.0  # reading calls cost nothing: no budget refuses them, even spent
+        dialect = DIALECTS.get(ex.dialect or "")
+        if dialect is not None and dialect.is_token_count(
+                ex.upstream_path.partition("?")[0].rstrip("/")):
+            return [], 0.0  # the providers' token counts are free too
         scopes = self.budgets_of(ex)
         if not scopes:
             return [], 0.0
         cost, input_rate = 0, 0.0
-        dialect = DIALECTS.get(ex.dialect or "")
-        if dialect is not None and dialect.is_token_count(
-                ex.upstream_path.partition("?")[0].rstrip("/")):
-            pass  # free: holds nothing
-        elif ex.model is None:
+        if ex.model is None:
             # A call the proxy cannot price before it runs (a multipart upload, a run of a
             # stored assistant or prompt): letting it hold nothing would let any number of
-            # them through at once. Reading calls (GET, HEAD) cost nothing.
-            if ex.method not in ("GET", "HEAD") and self.settings.unpriced == "deny":
+            # them through at once.
+            if self.settings.unpriced == "deny":
                 raise Unpriced(None)
         else:
             price = self.pricing.lookup(ex.provider, ex.model)

@@ -134,6 +134,28 @@ def test_a_call_sent_whose_answer_never_came_pays_its_hold(
     assert counter(redis_server) == (real_cost(fake_upstream) + hold, 0)
 
 
+def test_calls_that_cost_nothing_pass_a_spent_budget(
+        budget_app: Callable[..., Flask], redis_server: RedisServer) -> None:
+    """Listing models or counting tokens costs nothing: a budget spent past its limit (by
+    the overshoot calls in flight may cause) refuses paid calls only."""
+    client = budget_app().test_client()
+    assert post(client).status_code == 200
+    day = datetime.now(timezone.utc).strftime("%Y%m%d")
+    admin = redis_server.client()
+    try:
+        admin.hincrby(f"llmproxy:{{rl}}:budget:user:{USER}:day:{day}", "s", 2_000_000_000)
+    finally:
+        admin.close()
+    assert post(client).status_code == 429
+    auth = {"Authorization": "Bearer sk-user-own", "X-User-ID": USER}
+    listing = client.get("/openai/v1/models", headers=auth)
+    assert listing.status_code == 200
+    counted = client.post("/anthropic/v1/messages/count_tokens",
+                          json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                          headers={"x-api-key": "sk-ant-own", "X-User-ID": USER})
+    assert counted.status_code == 200, counted.get_data(as_text=True)
+
+
 def test_a_stream_the_client_leaves_pays_its_prompt_and_what_it_relayed(
         budget_app: Callable[..., Flask], redis_server: RedisServer, fake_upstream: Any) -> None:
     fake_upstream.script(fake_upstream.scripts.endless("openai", interval=0.01))
