@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 
 from ..config import BudgetSettings
@@ -176,6 +176,19 @@ class BudgetDenial:
         return max(self.fund.spec.limit - self.spent - self.held, 0)
 
 
+_SeedKey = tuple[str, str, "date | None"]  # (kind, name, first day of the period)
+_SEED_WAIT = 30.0  # seconds a call waits for another's ledger read of the same counter
+
+
+@dataclass(slots=True)
+class _Seeding:
+    """One ledger read under way, and its result for every call waiting on it."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    value: int = 0
+    error: BudgetsUnavailable | None = None
+
+
 class BudgetPolicy:
     """Budgets of a call, its hold, and its final charge."""
 
@@ -189,6 +202,8 @@ class BudgetPolicy:
         self.clock = clock
         # (valid until, {window: (period id, first day, end)}): see _periods_now
         self._periods: tuple[float, dict[str, tuple[str, date | None, int]]] | None = None
+        self._seeding: dict[_SeedKey, _Seeding] = {}
+        self._seed_lock = threading.Lock()
 
     def budgets_of(self, ex: Exchange) -> list[tuple[str, str, Budget]]:
         """(kind, name, budget) of every scope of the call that has a budget."""
@@ -275,13 +290,34 @@ class BudgetPolicy:
     def seed(self, funds: list[Fund]) -> None:
         """Rebuild missing counters from the ledger (after a restart of Redis or the proxy).
 
+        The calls of a worker that find the same counter missing at once (at midnight, after
+        a Redis restart) share one query: one per counter, not one per call.
         Raises :class:`BudgetsUnavailable` when the ledger cannot be read.
         """
         for fund in funds:
+            fund.spec.seed = self._spent_once((fund.kind, fund.name, fund.period_start))
+
+    def _spent_once(self, scope: _SeedKey) -> int:
+        with self._seed_lock:
+            flight = self._seeding.get(scope)
+            leader = flight is None
+            if flight is None:
+                flight = self._seeding[scope] = _Seeding()
+        if not leader:
+            if not flight.done.wait(_SEED_WAIT):
+                raise BudgetsUnavailable("ledger unreadable: another call's read timed out")
+        else:
             try:
-                fund.spec.seed = self._ledger_spent(fund.kind, fund.name, fund.period_start)
+                flight.value = self._ledger_spent(*scope)
             except Exception as exc:
-                raise BudgetsUnavailable(f"ledger unreadable: {exc}") from exc
+                flight.error = BudgetsUnavailable(f"ledger unreadable: {exc}")
+            finally:
+                with self._seed_lock:
+                    del self._seeding[scope]
+                flight.done.set()
+        if flight.error is not None:
+            raise flight.error
+        return flight.value
 
     def denial(self, funds: list[Fund], states: list[BudgetState]) -> BudgetDenial | None:
         """The fund that refused the call (the one that frees up last), if any did."""

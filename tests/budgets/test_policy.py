@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import date, datetime, timezone
 from typing import Any
 
@@ -220,3 +221,69 @@ def test_the_book_waits_for_its_first_load_and_keeps_the_last_one_on_failure() -
     now[0] = 10.0
     book._reload()  # noqa: SLF001 - the background reload's body, run here to be awaited
     assert book.get("user", "alice") == Budget(day=1.0)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_calls_missing_the_same_counter_share_one_ledger_read(
+        fails: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At midnight or after a Redis restart every call finds its counters missing at once:
+    a worker reads each from the ledger once, and every waiting call gets that answer."""
+    import threading
+    from dataclasses import dataclass, field
+
+    from llmproxy.budgets import policy as policy_module
+
+    waiting = threading.Semaphore(0)
+
+    class CountedEvent(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waiting.release()  # one more call waits on the read under way
+            return super().wait(timeout)
+
+    @dataclass(slots=True)
+    class Seeding(policy_module._Seeding):
+        done: threading.Event = field(default_factory=CountedEvent)
+
+    monkeypatch.setattr(policy_module, "_Seeding", Seeding)
+    reads: list[tuple[str, str, date | None]] = []
+    reading, release = threading.Event(), threading.Event()
+
+    def ledger(kind: str, name: str, since: date | None) -> int:
+        reads.append((kind, name, since))
+        reading.set()
+        release.wait()
+        if fails:
+            raise OSError("database down")
+        return 1234
+
+    p = BudgetPolicy(parse_budgets({"budgets": {"enabled": True}}),
+                     PricingTable(parse_pricing({"pricing": PRICES})),
+                     BudgetBook(dict, 60), ledger, clock=lambda: NOW)
+    calls = [p.funds(exchange(), 10)[0] for _ in range(8)]  # the key's day budget each
+    seen: list[object] = []
+
+    def seed(funds: list[Any]) -> None:
+        try:
+            p.seed(funds)
+            seen.append(funds[0].spec.seed)
+        except BudgetsUnavailable as exc:
+            seen.append(exc)
+
+    threads = [threading.Thread(target=seed, args=(funds,)) for funds in calls]
+    threads[0].start()
+    assert reading.wait(10)  # the first call is reading; the others arrive meanwhile
+    for t in threads[1:]:
+        t.start()
+    for _ in threads[1:]:
+        assert waiting.acquire(timeout=10)
+    release.set()
+    for t in threads:
+        t.join()
+    assert reads == [("key", "key_0123456789abcdef", date(2026, 12, 31))]
+    if fails:
+        assert len(seen) == 8 and all(isinstance(s, BudgetsUnavailable) for s in seen)
+    else:
+        assert seen == [1234] * 8
+    with pytest.raises(BudgetsUnavailable) if fails else contextlib.nullcontext():
+        p.seed(calls[0])  # a later miss reads again: the store keeps the seed, not the policy
+    assert len(reads) == 2
