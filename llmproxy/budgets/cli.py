@@ -17,7 +17,14 @@ from typing import TextIO
 from ..config import ConfigError, load_settings
 from ..keys.model import KeyValidationError, is_key_id, parse_scope
 from ..keys.store import SPEND_GROUPS, KeyStore, KeyStoreError, UnknownKeyError
-from .model import WINDOW_PHRASES, WINDOWS, Budget, BudgetValidationError, parse_budget
+from .model import (
+    WINDOW_PHRASES,
+    WINDOWS,
+    Budget,
+    BudgetValidationError,
+    parse_budget,
+    parse_day,
+)
 
 _PROG = "python -m llmproxy"
 
@@ -32,9 +39,7 @@ class _NotFound(Exception):
 
 def _day(text: str) -> date:
     try:
-        if len(text) != 10:
-            raise ValueError(text)
-        return date.fromisoformat(text)
+        return parse_day(text)
     except ValueError:
         raise argparse.ArgumentTypeError("expected a UTC day, YYYY-MM-DD") from None
 

@@ -8,7 +8,9 @@ at the edges (configuration, JSON, headers).
 from __future__ import annotations
 
 import calendar
+import logging
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -100,8 +102,21 @@ def budget_from_json(value: Any) -> Budget | None:
         return None
     try:
         return parse_budget(value)
-    except BudgetValidationError:
+    except BudgetValidationError as exc:  # written around the admin API: said, not hidden
+        log.warning("a stored budget is not valid and applies no limit: %s", exc)
         return None
+
+
+log = logging.getLogger(__name__)
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def parse_day(text: str) -> date:
+    """A UTC day written YYYY-MM-DD, and no other of the forms ISO 8601 allows (such as
+    ``20261201`` or ``2026-W49-2``); ValueError otherwise."""
+    if not _DAY.fullmatch(text):
+        raise ValueError(text)
+    return date.fromisoformat(text)
 
 
 def utcnow() -> datetime:

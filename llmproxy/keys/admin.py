@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import re
 from collections.abc import Iterable
 from datetime import date, datetime, timezone
 from typing import Any
@@ -22,7 +21,7 @@ from flask import Blueprint, Response, current_app, g, json, request
 from werkzeug.exceptions import HTTPException
 
 from .. import identity
-from ..budgets.model import BudgetValidationError, parse_budget, to_usd
+from ..budgets.model import BudgetValidationError, parse_budget, parse_day, to_usd
 from ..state import get_state
 from .model import KeyValidationError, ProxyKey, is_key_id, parse_scope, validate_fields
 from .store import SPEND_GROUPS, KeyStore, KeyStoreError, UnknownKeyError
@@ -43,7 +42,6 @@ _ACTIONS = {("keys", "POST"): "create", ("keys", "GET"): "list", ("key", "GET"):
             ("budget", "HEAD"): "show_budget", ("budget", "PUT"): "set_budget",
             ("budget", "DELETE"): "clear_budget", ("spend", "GET"): "spend",
             ("spend", "HEAD"): "spend"}
-_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _OUTCOMES = {400: "invalid", 401: "unauthorized", 404: "not_found", 405: "invalid",
              413: "invalid", 500: "error", 503: "error"}
 
@@ -104,9 +102,7 @@ def _day(name: str) -> date | None:
     if text is None or text == "":
         return None
     try:
-        if not _DATE_RE.match(text):
-            raise ValueError(text)
-        return date.fromisoformat(text)
+        return parse_day(text)
     except ValueError:
         raise KeyValidationError(name, "must be a UTC day, YYYY-MM-DD") from None
 

@@ -180,6 +180,7 @@ def test_spend_report(admin: Any, key_store: KeyStore) -> None:
 
 @pytest.mark.parametrize(("query", "field"), [
     ("group_by=day", "group_by"), ("from=2030-13-01", "from"), ("to=tomorrow", "to"),
-    ("from=20300101", "from"), ("from=2030-01-02&to=2030-01-01", "from")])
+    ("from=20300101", "from"), ("from=2030-W01-2", "from"), ("to=２０３０-01-01", "to"),
+    ("from=2030-01-02&to=2030-01-01", "from")])
 def test_bad_spend_queries_are_400(admin: Any, query: str, field: str) -> None:
     assert _error(admin.get(f"/admin/spend?{query}", headers=AUTH), 400).startswith(field)

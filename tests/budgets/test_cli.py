@@ -153,7 +153,8 @@ def test_spend_table_and_json(run: Run, store: KeyStore) -> None:
                                           "output_tokens": 30}]
     run("spend", "--from", "2030-01-03", "--to", "2030-01-01")
     assert run.status == 2 and "--from" in run.err
-    for argv in (("spend", "--group-by", "day"), ("spend", "--from", "20300101")):
+    for argv in (("spend", "--group-by", "day"), ("spend", "--from", "20300101"),
+                 ("spend", "--from", "2030-W01-2")):
         with pytest.raises(SystemExit) as exit_:
             run(*argv)
         assert exit_.value.code == 2
