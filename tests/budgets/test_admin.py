@@ -94,6 +94,9 @@ def test_budget_lifecycle(admin: Any, key_store: KeyStore, audit: AuditRecords) 
     ("user:alice", {"week": 1}, "week"),
     ("user:alice", {"day": "5"}, "day"),
     ("user:alice", {"total": True}, "total"),
+    ("user:alice", {"day": 10**400}, "day"),  # a 401-digit JSON integer
+    ("user:alice", {"month": -(10**400)}, "month"),
+    ("user:alice", {"total": float("nan")}, "total"),
     ("user:alice", [1], "body"),
     ("key:key_0123456789abcdef", {"day": 1}, "scope"),
     ("alice", {"day": 1}, "scope"),
@@ -140,6 +143,10 @@ def test_keys_take_budgets_and_show_their_spend(admin: Any, key_store: KeyStore)
     message = _error(admin.patch(f"/admin/keys/{key['id']}", headers=AUTH,
                                  json={"budgets": {"day": -2}}), 400)
     assert message.startswith("budgets.day:")
+    huge = {"budgets": {"month": 10**400}}  # a 401-digit JSON integer
+    for resp in (admin.patch(f"/admin/keys/{key['id']}", headers=AUTH, json=huge),
+                 admin.post("/admin/keys", headers=AUTH, json={"name": "k2", **huge})):
+        assert _error(resp, 400).startswith("budgets.month:")
 
     today = datetime.now(timezone.utc).date()
     earlier = today - timedelta(days=40)  # another month
