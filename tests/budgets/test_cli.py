@@ -99,6 +99,8 @@ def test_budgets_errors(run: Run) -> None:
     assert run.status == 2 and "--day:" in run.err
     run("budgets", "set", "user:alice", "--day", "9" * 400)
     assert run.status == 2 and "--day:" in run.err
+    run("budgets", "set", "team:ml\u200bops", "--day", "1")
+    assert run.status == 2 and "scope:" in run.err
     run("budgets", "set", "org:x", "--day", "1")
     assert run.status == 2 and "scope:" in run.err
     secret = "llmp-" + "s3cret" * 7
