@@ -218,7 +218,10 @@ def parse_time(value: Any, name: str = "expires_at") -> datetime | None:
         raise KeyValidationError(name, "must be an ISO 8601 time string or null")
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+    try:
+        return parsed.astimezone(timezone.utc)
+    except OverflowError:  # 9999-12-31T23:00-05:00 is past the last day a datetime holds
+        raise KeyValidationError(name, "is out of range") from None
 
 
 def _metadata(value: Any) -> dict[str, Any]:

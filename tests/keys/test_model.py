@@ -124,6 +124,8 @@ def test_validate_fields_normalises() -> None:
     ({"name": "n", "limits": [1]}, "limits"),
     ({"name": "n", "expires_at": "tomorrow"}, "expires_at"),
     ({"name": "n", "expires_at": 5}, "expires_at"),
+    ({"name": "n", "expires_at": "9999-12-31T23:59:59-05:00"}, "expires_at"),  # overflows
+    ({"name": "n", "expires_at": "0001-01-01T00:00:00+05:00"}, "expires_at"),
     ({"name": "n", "metadata": [1]}, "metadata"),
     ({"name": "n", "metadata": {"x": float("nan")}}, "metadata"),
     ({"name": "n", "metadata": {"x": "y" * 20000}}, "metadata"),
