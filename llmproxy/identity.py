@@ -22,7 +22,7 @@ def _any_encoding(word: str) -> str:
 # Servers decode query names, so "?%6Bey=" authenticates exactly like "?key=".
 CREDENTIAL_PARAM_RE = "|".join(_any_encoding(w) for w in _CREDENTIAL_PARAMS)
 _KEY_PARAM_RE = re.compile(rf"(?i)([?&](?:{CREDENTIAL_PARAM_RE})=)[^&#\s]*")
-_USER_RE = re.compile(r"^[\w.@:+\-]{1,128}$")
+_USER_RE = re.compile(r"[\w.@:+\-]{1,128}")  # the whole id (fullmatch: "$" allows "\n")
 
 
 def fingerprint(key: str) -> str:
@@ -106,7 +106,7 @@ def client_ip(remote_addr: str | None, forwarded_for: str | None, trusted_proxie
 
 def clean_user(value: object) -> str | None:
     """Accept a user id only if it is a short printable token (it becomes a limit scope)."""
-    if isinstance(value, str) and _USER_RE.match(value):
+    if isinstance(value, str) and _USER_RE.fullmatch(value):
         return value
     return None
 

@@ -7,6 +7,7 @@ import pytest
 from llmproxy.identity import (
     CredentialConflict,
     api_key,
+    clean_user,
     client_ip,
     fingerprint,
     redact_query,
@@ -102,6 +103,18 @@ def test_user_resolution_order() -> None:
     assert resolve_user(None, {}, None, "", "1.2.3.4") == ("1.2.3.4", "ip")
     # Hostile values are not accepted as user ids (they become limit scopes and log fields).
     assert resolve_user(None, {"X-User-ID": "a b\n"}, "x" * 500, "", "ip") == ("ip", "ip")
+
+
+@pytest.mark.parametrize("value", ["alice\n", "alice\r\n", "\nalice", "ali ce", "alice\u200b",
+                                   "", "x" * 129, None, 5])
+def test_clean_user_refuses_anything_but_a_whole_token(value: object) -> None:
+    assert clean_user(value) is None
+
+
+def test_a_user_id_with_a_trailing_newline_is_not_taken() -> None:
+    assert clean_user("alice") == "alice" and clean_user("x" * 128) == "x" * 128
+    assert resolve_user(None, {"X-User-ID": "alice\n"}, None, "", "ip") == ("ip", "ip")
+    assert resolve_user(None, {}, "alice\n", "llm_user_id=bob%0A", "ip") == ("ip", "ip")
 
 
 def test_user_sources_are_configurable() -> None:

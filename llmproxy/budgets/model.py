@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import calendar
 import logging
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -86,8 +85,10 @@ def parse_budget(value: Any, field_name: str = "budgets") -> Budget | None:
         if raw is None:
             limits[window] = None
             continue
+        # Compared, never converted first: a JSON integer of any size compares exactly (and
+        # float() or isfinite() of a 400-digit one raises); NaN fails both comparisons.
         if isinstance(raw, bool) or not isinstance(raw, (int, float)) \
-                or not math.isfinite(raw) or raw < 0 or raw > MAX_BUDGET_USD:
+                or not 0 <= raw <= MAX_BUDGET_USD:
             raise BudgetValidationError(f"{field_name}.{window}",
                                         f"must be a number of USD from 0 to {MAX_BUDGET_USD:g}, "
                                         "or null")

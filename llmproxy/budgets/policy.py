@@ -71,14 +71,37 @@ class BudgetBook:
         self._next = 0.0
         self._loading = False
         self._lock = threading.Lock()
+        # Until a first load succeeds: one load at a time, and the callers that waited for
+        # one take its outcome (under gevent the threading locks are the patched ones).
+        self._first_lock = threading.Lock()
+        self._first_loads = 0  # first loads finished (failed: the table is still None)
+        self._failure = ""
 
     def get(self, kind: str, name: str) -> Budget | None:
         table = self._table
         if table is None:
-            table = self._reload()  # the first call waits: nothing to answer with yet
+            table = self._first_load()  # the first calls wait: nothing to answer with yet
         elif self._clock() >= self._next:
             self._reload_in_background()
         return table.get((kind, name))
+
+    def _first_load(self) -> dict[tuple[str, str], Budget]:
+        """The table, loaded by one caller while the others wait. A caller that waited for a
+        load that failed fails with it: during a database outage at start-up the requests
+        that arrive together share one database timeout instead of each running its own."""
+        seen = self._first_loads
+        with self._first_lock:
+            if self._table is not None:
+                return self._table
+            if self._first_loads != seen:  # a load ended (and failed) while this one waited
+                raise BudgetsUnavailable(self._failure)
+            try:
+                return self._reload()
+            except BudgetsUnavailable as exc:
+                self._failure = str(exc)
+                raise
+            finally:
+                self._first_loads += 1
 
     def _reload(self) -> dict[tuple[str, str], Budget]:
         try:
@@ -107,7 +130,13 @@ class BudgetBook:
             finally:
                 self._loading = False
 
-        threading.Thread(target=run, name="budget-reload", daemon=True).start()
+        try:
+            threading.Thread(target=run, name="budget-reload", daemon=True).start()
+        except Exception as exc:  # RuntimeError: can't start new thread
+            log.warning("reloading budgets could not start (%s): the last ones stay in use", exc)
+            with self._lock:
+                self._loading = False  # or no reload would ever start again
+                self._next = self._clock() + 1.0
 
     def invalidate(self) -> None:
         """Reload at the next lookup (tests, admin changes made in this process)."""

@@ -153,8 +153,13 @@ def _text(value: Any, name: str, *, optional: bool) -> str | None:
                                        + (" or null" if optional else ""))
     if len(value) > MAX_NAME_CHARS:
         raise KeyValidationError(name, f"must be at most {MAX_NAME_CHARS} characters")
-    if any(ord(c) < 32 for c in value):
-        raise KeyValidationError(name, "must not contain control characters")
+    # str.isprintable(): no control (C0, DEL, C1), format (zero-width, bidi), private-use or
+    # unassigned characters, no separator but the ASCII space (not NBSP, not U+2028), no lone
+    # surrogate. A user's or team's name keys its budget counters and is a ledger identity;
+    # the ledger keeps printable characters only, so any other would make the two disagree.
+    if not value.isprintable():
+        raise KeyValidationError(name, "must be printable characters only (no control, "
+                                       "format or zero-width characters, no space but U+0020)")
     return value.strip()
 
 
@@ -213,7 +218,10 @@ def parse_time(value: Any, name: str = "expires_at") -> datetime | None:
         raise KeyValidationError(name, "must be an ISO 8601 time string or null")
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+    try:
+        return parsed.astimezone(timezone.utc)
+    except OverflowError:  # 9999-12-31T23:00-05:00 is past the last day a datetime holds
+        raise KeyValidationError(name, "is out of range") from None
 
 
 def _metadata(value: Any) -> dict[str, Any]:

@@ -16,6 +16,8 @@ import hmac
 import os
 import threading
 import time
+import warnings
+from collections import OrderedDict
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, json, request
@@ -101,12 +103,18 @@ BUDGET_DENIALS = Counter("llmproxy_budget_denials", "Calls refused for lack of b
                          ["scope", "window"])
 LEDGER_DROPPED = Counter("llmproxy_budget_ledger_dropped_rows",
                          "Spend rows not written to the ledger (its queue was full).")
-#: Proxy keys with budget gauges per worker: the label stays bounded however many keys exist.
+#: Proxy keys with budget gauges per worker: beyond it, the key whose calls are the longest ago
+#: loses its series, so the label stays bounded however many keys come and go.
 MAX_BUDGET_KEYS = 1000
 #: Seconds between two updates of one key's gauges by one worker: a scrape every 15 s or
 #: more sees the same, and a busy key does not pay two shared-memory writes per call.
 BUDGET_GAUGE_EVERY = 1.0
-_budget_updated: dict[tuple[str, str], float] = {}
+# key id -> {window: when this worker last set its gauges}, the least recently used key first
+_budget_keys: OrderedDict[str, dict[str, float]] = OrderedDict()
+_budget_lock = threading.Lock()
+# prometheus-client cannot drop a series from its multi-process files (docs/observability.md),
+# and warns so at every remove(); removing still frees the worker's own copy.
+warnings.filterwarnings("ignore", "Removal of labels has not been implemented", UserWarning)
 
 
 def record_budget(kind: str, name: str, window: str, spent: float, remaining: float) -> None:
@@ -114,15 +122,28 @@ def record_budget(kind: str, name: str, window: str, spent: float, remaining: fl
     if kind != "key":
         return
     now = time.monotonic()
-    last = _budget_updated.get((name, window))
-    if last is None:
-        if len(_budget_updated) >= MAX_BUDGET_KEYS * 3:  # three windows per key
-            return
-    elif now - last < BUDGET_GAUGE_EVERY:
-        return
-    _budget_updated[(name, window)] = now
-    _child(BUDGET_SPEND, name, window).set(spent)
-    _child(BUDGET_REMAINING, name, window).set(remaining)
+    with _budget_lock:
+        windows = _budget_keys.get(name)
+        if windows is None:
+            windows = _budget_keys[name] = {}
+            while len(_budget_keys) > MAX_BUDGET_KEYS:
+                _forget_budget_key(*_budget_keys.popitem(last=False))
+        else:
+            _budget_keys.move_to_end(name)
+            last = windows.get(window)
+            if last is not None and now - last < BUDGET_GAUGE_EVERY:
+                return
+        windows[window] = now
+        _child(BUDGET_SPEND, name, window).set(spent)
+        _child(BUDGET_REMAINING, name, window).set(remaining)
+
+
+def _forget_budget_key(name: str, windows: dict[str, float]) -> None:
+    """Drop an evicted key's series from both gauges (and the cached children)."""
+    for window in windows:
+        for gauge in (BUDGET_SPEND, BUDGET_REMAINING):
+            gauge.remove(name, window)
+            _children.pop((id(gauge), (name, window)), None)
 
 
 def record_budget_denial(kind: str, window: str) -> None:

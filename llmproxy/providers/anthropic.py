@@ -21,6 +21,7 @@ from .base import (
     error_message,
     keep,
     loads,
+    output_cap,
     parts_chars,
     relayed_text,
     text,
@@ -162,9 +163,7 @@ class Anthropic(Dialect):
         if isinstance(metadata, dict):
             info.user = text(metadata.get("user_id"))
         info.text_chars = _prompt_chars(doc)
-        max_tokens = doc.get("max_tokens")
-        info.max_output_tokens = max_tokens if type(max_tokens) is int and max_tokens >= 0 \
-            else None
+        info.max_output_tokens = output_cap(doc.get("max_tokens"))
         return info
 
     def usage_handler(self, meta: ResponseMeta, route: str) -> UsageHandler:

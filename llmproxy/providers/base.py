@@ -51,6 +51,28 @@ def count(value: object) -> int | None:
     return None
 
 
+#: The largest output cap a request is taken to ask for, whatever larger number it writes:
+#: the APIs' own int32 bound (Gemini's ``maxOutputTokens`` is an int32), far above any model's
+#: output window. With :data:`MAX_CHOICES` it keeps what the limiter and the budgets hold for a
+#: call under 2**38 tokens: finite and exact in their float and Lua arithmetic.
+MAX_OUTPUT_TOKENS = 2**31 - 1
+#: The most completions one request is taken to ask for at once (OpenAI's own bound on ``n``;
+#: ``best_of`` stops at 20, Gemini's ``candidateCount`` at 8).
+MAX_CHOICES = 128
+
+
+def output_cap(value: object) -> int | None:
+    """An output cap: a non-negative JSON integer (the APIs take no floats), at most
+    :data:`MAX_OUTPUT_TOKENS`; None for anything else."""
+    return min(value, MAX_OUTPUT_TOKENS) if type(value) is int and value >= 0 else None
+
+
+def choices(value: object) -> int:
+    """Completions asked for at once: a JSON integer from 1 to :data:`MAX_CHOICES`; 1 for
+    anything else."""
+    return min(value, MAX_CHOICES) if type(value) is int and value > 1 else 1
+
+
 def text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 

@@ -18,11 +18,13 @@ from .base import (
     HeadersLike,
     UsageHandler,
     accepts_event_stream,
+    choices,
     count,
     error_message,
     first,
     keep,
     loads,
+    output_cap,
     parts_chars,
     query_has,
     relayed_text,
@@ -162,11 +164,9 @@ class Gemini(Dialect):
         info.text_chars = _prompt_chars(doc)
         config = first(doc, "generationConfig", "generation_config")
         if isinstance(config, dict):
-            count = first(config, "candidateCount", "candidate_count")
-            info.choices = count if type(count) is int and count > 1 else 1
-            cap = first(config, "maxOutputTokens", "max_output_tokens")
-            info.max_output_tokens = cap * info.choices if type(cap) is int and cap >= 0 \
-                else None
+            info.choices = choices(first(config, "candidateCount", "candidate_count"))
+            cap = output_cap(first(config, "maxOutputTokens", "max_output_tokens"))
+            info.max_output_tokens = cap * info.choices if cap is not None else None
         return info
 
     def usage_handler(self, meta: ResponseMeta, route: str) -> UsageHandler:

@@ -19,10 +19,12 @@ from .base import (
     HeadersLike,
     UsageHandler,
     accepts_event_stream,
+    choices,
     count,
     error_message,
     keep,
     loads,
+    output_cap,
     parts_chars,
     relayed_text,
     text,
@@ -191,9 +193,9 @@ class OpenAI(Dialect):
         info.user = text(doc.get("user"))
         info.text_chars = _prompt_chars(doc)
         # n (and the legacy best_of) completions each write up to the cap
-        info.choices = max(_cap(doc.get("n")) or 1, _cap(doc.get("best_of")) or 1)
+        info.choices = max(choices(doc.get("n")), choices(doc.get("best_of")))
         for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-            cap = _cap(doc.get(key))
+            cap = output_cap(doc.get(key))
             if cap is not None:
                 info.max_output_tokens = cap * info.choices
                 break
@@ -217,11 +219,6 @@ class OpenAI(Dialect):
         return json.dumps({"error": {"message": message, "type": "insufficient_quota",
                                      "param": None, "code": "insufficient_quota"}},
                           separators=(",", ":")).encode()
-
-
-def _cap(value: object) -> int | None:
-    """An output cap: a non-negative JSON integer (floats are not accepted by the APIs)."""
-    return value if type(value) is int and value >= 0 else None
 
 
 DIALECT = OpenAI()

@@ -94,10 +94,20 @@ def test_budget_lifecycle(admin: Any, key_store: KeyStore, audit: AuditRecords) 
     ("user:alice", {"week": 1}, "week"),
     ("user:alice", {"day": "5"}, "day"),
     ("user:alice", {"total": True}, "total"),
+    ("user:alice", {"day": 10**400}, "day"),  # a 401-digit JSON integer
+    ("user:alice", {"month": -(10**400)}, "month"),
+    ("user:alice", {"total": float("nan")}, "total"),
     ("user:alice", [1], "body"),
     ("key:key_0123456789abcdef", {"day": 1}, "scope"),
     ("alice", {"day": 1}, "scope"),
     ("user:", {"day": 1}, "scope"),
+    # names the ledger would store otherwise than the counters key them
+    ("team:ml\u200bops", {"day": 1}, "scope"),
+    ("team:ml%E2%80%8Bops", {"day": 1}, "scope"),
+    ("user:al%C2%85ice", {"day": 1}, "scope"),
+    ("user:al%C2%A0ice", {"day": 1}, "scope"),
+    ("user:alice%7F", {"day": 1}, "scope"),
+    ("team:ml%E2%80%A8ops", {"day": 1}, "scope"),
 ])
 def test_invalid_budgets_are_400_naming_the_field(admin: Any, scope: str, body: Any,
                                                   field: str) -> None:
@@ -128,6 +138,20 @@ def test_wrong_methods_and_the_token(admin: Any) -> None:
     _error(admin.put("/admin/budgets/user:a", json={"day": 1}), 401)
 
 
+def test_a_key_whose_user_or_team_is_not_printable_is_a_400(admin: Any) -> None:
+    for field, value in (("user", "alice\x7f"), ("team", "ml\u200bops"),
+                         ("team", "ml\u00a0ops"), ("user", "al\u2028ice")):
+        message = _error(admin.post("/admin/keys", headers=AUTH,
+                                    json={"name": "k", field: value}), 400)
+        assert message.startswith(f"{field}:")
+    key = admin.post("/admin/keys", headers=AUTH, json={"name": "k", "team": "ml ops"})
+    assert key.status_code == 201
+    resp = admin.patch(f"/admin/keys/{key.get_json()['id']}", headers=AUTH,
+                       json={"team": "ml\u200bops"})
+    assert _error(resp, 400).startswith("team:")
+    assert admin.get("/admin/keys", headers=AUTH).get_json()["keys"][0]["team"] == "ml ops"
+
+
 def test_keys_take_budgets_and_show_their_spend(admin: Any, key_store: KeyStore) -> None:
     resp = admin.post("/admin/keys", headers=AUTH,
                       json={"name": "k", "budgets": {"day": 2, "month": None}})
@@ -140,6 +164,10 @@ def test_keys_take_budgets_and_show_their_spend(admin: Any, key_store: KeyStore)
     message = _error(admin.patch(f"/admin/keys/{key['id']}", headers=AUTH,
                                  json={"budgets": {"day": -2}}), 400)
     assert message.startswith("budgets.day:")
+    huge = {"budgets": {"month": 10**400}}  # a 401-digit JSON integer
+    for resp in (admin.patch(f"/admin/keys/{key['id']}", headers=AUTH, json=huge),
+                 admin.post("/admin/keys", headers=AUTH, json={"name": "k2", **huge})):
+        assert _error(resp, 400).startswith("budgets.month:")
 
     today = datetime.now(timezone.utc).date()
     earlier = today - timedelta(days=40)  # another month

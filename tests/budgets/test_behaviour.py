@@ -271,3 +271,38 @@ def test_a_refusal_carries_cors_headers_a_browser_can_read(
         assert name in exposed
     assert resp.headers["x-should-retry"] == "false"
     assert fake_upstream.requests == []
+
+
+HUGE = "1" + "0" * 400  # a JSON integer Python's json parses: 10**400
+
+
+@pytest.mark.parametrize(("path", "body", "shape"), [
+    ("/openai/v1/chat/completions",
+     f'{{"model": "{MODEL}", "max_tokens": {HUGE}, "n": {HUGE}, "messages": []}}',
+     lambda b: b["error"]["type"] == "insufficient_quota"),
+    ("/anthropic/v1/messages",
+     f'{{"model": "{MODEL}", "max_tokens": {HUGE}, "messages": []}}',
+     lambda b: b["type"] == "error" and b["error"]["type"] == "rate_limit_error"),
+    (f"/gemini/v1beta/models/{MODEL}:generateContent",
+     f'{{"contents": [], "generationConfig": {{"maxOutputTokens": {HUGE}, '
+     f'"candidateCount": {HUGE}}}}}',
+     lambda b: b["error"]["status"] == "RESOURCE_EXHAUSTED"),
+])
+def test_a_huge_output_cap_is_refused_by_the_budget_not_a_500(
+        make_app: Callable[..., Flask], db_url: str, fake_upstream: Any, path: str, body: str,
+        shape: Callable[[Any], bool]) -> None:
+    store = KeyStore.from_url(db_url)
+    store.migrate()
+    store.set_budget("user", USER, Budget(day=1.0))
+    store.close()
+    prices = {"models": {MODEL: {"input": PRICE_IN, "output": PRICE_OUT}}}
+    app = make_app({"auth": {"database_url": db_url}, "budgets": QUIET_BUDGETS,
+                    "pricing": {p: prices for p in ("openai", "anthropic", "gemini")}})
+    resp = app.test_client().post(path, data=body, headers={
+        "Content-Type": "application/json", "X-User-ID": USER,
+        "Authorization": "Bearer sk-user-own", "x-api-key": "sk-user-own",
+        "x-goog-api-key": "sk-user-own"})
+    # the cap held is the clamped one: $1000/M x 2**31 tokens is more than alice's $1 a day
+    assert resp.status_code == 429, resp.get_data(as_text=True)
+    assert shape(resp.get_json()) and resp.headers["X-Budget-Scope"] == f"user:{USER}"
+    assert fake_upstream.requests == []

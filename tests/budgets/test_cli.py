@@ -97,6 +97,10 @@ def test_budgets_errors(run: Run) -> None:
     assert run.status == 2 and "give --day" in run.err
     run("budgets", "set", "user:alice", "--day", "-1")
     assert run.status == 2 and "--day:" in run.err
+    run("budgets", "set", "user:alice", "--day", "9" * 400)
+    assert run.status == 2 and "--day:" in run.err
+    run("budgets", "set", "team:ml\u200bops", "--day", "1")
+    assert run.status == 2 and "scope:" in run.err
     run("budgets", "set", "org:x", "--day", "1")
     assert run.status == 2 and "scope:" in run.err
     secret = "llmp-" + "s3cret" * 7
@@ -121,6 +125,8 @@ def test_keys_create_and_update_take_budgets(run: Run) -> None:
     run("keys", "create", "--name", "k", "--budget-day", "lots")
     assert run.status == 2 and "--budget-day" in run.err
     run("keys", "create", "--name", "k", "--budget-day", "-3")
+    assert run.status == 2 and "budgets.day" in run.err
+    run("keys", "create", "--name", "k", "--budget-day", "9" * 400)
     assert run.status == 2 and "budgets.day" in run.err
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from datetime import date, datetime, timezone
 from typing import Any
 
 import pytest
 
+from llmproxy.budgets import policy as policy_module
 from llmproxy.budgets.model import Budget, BudgetState
 from llmproxy.budgets.policy import (
     BudgetBook,
@@ -228,7 +230,6 @@ def test_calls_missing_the_same_counter_share_one_ledger_read(
         fails: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """At midnight or after a Redis restart every call finds its counters missing at once:
     a worker reads each from the ledger once, and every waiting call gets that answer."""
-    import threading
     from dataclasses import dataclass, field
 
     from llmproxy.budgets import policy as policy_module
@@ -287,3 +288,96 @@ def test_calls_missing_the_same_counter_share_one_ledger_read(
     with pytest.raises(BudgetsUnavailable) if fails else contextlib.nullcontext():
         p.seed(calls[0])  # a later miss reads again: the store keeps the seed, not the policy
     assert len(reads) == 2
+class _WatchedLock:
+    """A lock that counts the callers that asked for it (before they block on it)."""
+
+    def __init__(self, changed: threading.Condition) -> None:
+        self._lock = threading.Lock()
+        self._changed = changed
+        self.asked = 0
+
+    def __enter__(self) -> bool:
+        with self._changed:
+            self.asked += 1
+            self._changed.notify_all()
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.__exit__(*exc)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_callers_before_the_first_load_share_one_load(monkeypatch: pytest.MonkeyPatch,
+                                                      fails: bool) -> None:
+    callers = 8
+    changed = threading.Condition()
+    release = threading.Event()
+    loads: list[int] = []
+    down = [fails]
+
+    def slow_load() -> dict[tuple[str, str], Budget]:
+        with changed:
+            loads.append(1)
+            changed.notify_all()
+        assert release.wait(10)  # the database answers (or times out) only when told
+        if down[0]:
+            raise OSError("database down")
+        return {("user", "alice"): Budget(day=1.0)}
+
+    book = BudgetBook(slow_load, 60.0)
+    lock = _WatchedLock(changed)
+    monkeypatch.setattr(book, "_first_lock", lock, raising=False)
+    results: list[object] = []
+
+    def call() -> None:
+        try:
+            results.append(book.get("user", "alice"))
+        except BudgetsUnavailable as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(callers)]
+    for t in threads:
+        t.start()
+    with changed:  # every caller is at the lock (fixed) or in its own load (not fixed)
+        assert changed.wait_for(lambda: lock.asked == callers or len(loads) == callers, 10)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert len(loads) == 1
+    assert len(results) == callers
+    if fails:
+        assert all(isinstance(r, BudgetsUnavailable) and "database down" in str(r)
+                   for r in results)
+        down[0] = False  # a caller after the failed load tries again
+        assert book.get("user", "alice") == Budget(day=1.0) and len(loads) == 2
+    else:
+        assert results == [Budget(day=1.0)] * callers
+
+
+def test_a_reload_that_cannot_start_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    reloaded = threading.Event()
+    loads: list[int] = []
+
+    def load() -> dict[tuple[str, str], Budget]:
+        loads.append(1)
+        if len(loads) > 1:
+            reloaded.set()
+        return {("user", "alice"): Budget(day=float(len(loads)))}
+
+    book = BudgetBook(load, 5.0, clock=lambda: now[0])
+    assert book.get("user", "alice") == Budget(day=1.0)
+
+    class NoThreads(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    now[0] = 10.0
+    with monkeypatch.context() as patch:
+        patch.setattr(policy_module.threading, "Thread", NoThreads)
+        assert book.get("user", "alice") == Budget(day=1.0)  # the last table, no error
+    assert len(loads) == 1
+    now[0] = 20.0  # past the retry
+    assert book.get("user", "alice") == Budget(day=1.0)  # answered now, reloaded behind
+    assert reloaded.wait(10)
+    assert len(loads) == 2

@@ -17,6 +17,7 @@ from llmproxy.keys.model import (
     is_key_id,
     looks_like_proxy_key,
     new_key_id,
+    parse_scope,
     validate_fields,
 )
 
@@ -123,16 +124,41 @@ def test_validate_fields_normalises() -> None:
     ({"name": "n", "limits": [1]}, "limits"),
     ({"name": "n", "expires_at": "tomorrow"}, "expires_at"),
     ({"name": "n", "expires_at": 5}, "expires_at"),
+    ({"name": "n", "expires_at": "9999-12-31T23:59:59-05:00"}, "expires_at"),  # overflows
+    ({"name": "n", "expires_at": "0001-01-01T00:00:00+05:00"}, "expires_at"),
     ({"name": "n", "metadata": [1]}, "metadata"),
     ({"name": "n", "metadata": {"x": float("nan")}}, "metadata"),
     ({"name": "n", "metadata": {"x": "y" * 20000}}, "metadata"),
     ({"name": "n", "user": ""}, "user"),
+    # Not printable: a budget counter would be keyed by a name the ledger stores stripped.
+    ({"name": "n", "user": "alice\x7f"}, "user"),  # DEL
+    ({"name": "n", "user": "al\x85ice"}, "user"),  # C1 control (NEL)
+    ({"name": "n", "team": "ml\u200bops"}, "team"),  # zero-width space
+    ({"name": "n", "team": "ml\u00a0ops"}, "team"),  # no-break space
+    ({"name": "n", "team": "ml\u2028ops"}, "team"),  # line separator
+    ({"name": "n", "team": "ml\u202eops"}, "team"),  # bidi override
+    ({"name": "n", "user": "al\ud800ice"}, "user"),  # lone surrogate
 ])
 def test_validate_fields_names_the_bad_field(data: dict[str, object], field: str) -> None:
     with pytest.raises(KeyValidationError) as err:
         validate_fields(data, providers=["openai"])
     assert err.value.field == field
     assert str(err.value).startswith(field + ":")
+
+
+@pytest.mark.parametrize("name", ["ml\u200bops", "ml\u00a0ops", "ml\x9fops", "ml\u2029ops",
+                                  "ml\x7fops", "ml\ufeffops"])
+def test_a_budget_scope_name_must_be_printable(name: str) -> None:
+    with pytest.raises(KeyValidationError) as err:
+        parse_scope(f"team:{name}")
+    assert err.value.field == "scope"
+
+
+def test_printable_names_of_any_script_are_kept() -> None:
+    assert parse_scope("team:ml ops") == ("team", "ml ops")
+    assert parse_scope("user:zoë 山田 🙂") == ("user", "zoë 山田 🙂")
+    assert validate_fields({"user": " ünï ", "team": "a b"}, partial=True) == \
+        {"user": "ünï", "team": "a b"}
 
 
 def test_partial_updates_need_no_name() -> None:

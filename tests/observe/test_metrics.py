@@ -347,3 +347,37 @@ def test_unwritable_records_path_does_not_fail_requests(app_with: Callable[..., 
     sink.close()
     assert dropped() == 1
     assert any("usage records" in r.getMessage() for r in records_log.records)
+
+
+def test_budget_gauges_keep_the_most_recent_keys_and_drop_the_evicted_ones_series(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections import OrderedDict
+
+    from prometheus_client import REGISTRY
+
+    monkeypatch.setattr(metrics, "MAX_BUDGET_KEYS", 2)
+    monkeypatch.setattr(metrics, "_budget_keys", OrderedDict(), raising=False)
+    monkeypatch.setattr(metrics, "BUDGET_GAUGE_EVERY", 3600.0)  # one update per key window
+
+    def gauges(key: str, window: str = "day") -> tuple[float | None, float | None]:
+        labels = {"key_id": key, "window": window}
+        return (REGISTRY.get_sample_value("llmproxy_budget_spend_usd", labels),
+                REGISTRY.get_sample_value("llmproxy_budget_remaining_usd", labels))
+
+    keys = [f"key_lru{i:013d}" for i in range(4)]
+    metrics.record_budget("key", keys[0], "day", 1.0, 9.0)
+    metrics.record_budget("key", keys[0], "total", 2.0, 8.0)
+    metrics.record_budget("key", keys[1], "day", 3.0, 7.0)
+    metrics.record_budget("key", keys[0], "day", 5.0, 5.0)  # throttled, but keys[0] is used
+    assert gauges(keys[0]) == (1.0, 9.0)
+    metrics.record_budget("key", keys[2], "day", 4.0, 6.0)  # over the cap: keys[1] goes
+    assert gauges(keys[2]) == (4.0, 6.0)  # a key after the cap gets its gauges
+    assert gauges(keys[1]) == (None, None)  # the least recently used key's series are gone
+    assert gauges(keys[0]) == (1.0, 9.0) and gauges(keys[0], "total") == (2.0, 8.0)
+    metrics.record_budget("key", keys[3], "month", 0.5, 0.5)
+    assert gauges(keys[0]) == (None, None) and gauges(keys[0], "total") == (None, None)
+    assert gauges(keys[3], "month") == (0.5, 0.5) and gauges(keys[2]) == (4.0, 6.0)
+    metrics.record_budget("key", keys[1], "day", 3.5, 6.5)  # an evicted key comes back
+    assert gauges(keys[1]) == (3.5, 6.5) and gauges(keys[2]) == (None, None)
+    metrics.record_budget("user", "alice", "day", 1.0, 1.0)  # other scopes: no series
+    assert list(metrics._budget_keys) == [keys[3], keys[1]]  # noqa: SLF001

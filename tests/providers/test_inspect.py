@@ -9,6 +9,7 @@ import pytest
 
 from llmproxy.exchange import RequestInfo
 from llmproxy.providers import DIALECTS
+from llmproxy.providers.base import MAX_CHOICES, MAX_OUTPUT_TOKENS
 
 
 def inspect_request(dialect: str, method: str, path: str, query: str,
@@ -212,6 +213,30 @@ def test_unicode_counts_characters_not_bytes() -> None:
 )
 def test_max_output_tokens(dialect: str, doc: dict[str, Any], expected: int | None) -> None:
     assert inspect(dialect, "/v1/x", doc).max_output_tokens == expected
+
+
+HUGE = 10**400  # valid JSON, and Python's json parses it
+
+
+@pytest.mark.parametrize(
+    ("dialect", "doc", "choices", "cap"),
+    [
+        ("openai", {"max_tokens": HUGE}, 1, MAX_OUTPUT_TOKENS),
+        ("openai", {"max_completion_tokens": HUGE, "n": HUGE}, MAX_CHOICES,
+         MAX_OUTPUT_TOKENS * MAX_CHOICES),
+        ("openai", {"max_tokens": 10, "best_of": HUGE}, MAX_CHOICES, 10 * MAX_CHOICES),
+        ("anthropic", {"max_tokens": HUGE}, 1, MAX_OUTPUT_TOKENS),
+        ("gemini", {"generationConfig": {"maxOutputTokens": HUGE}}, 1, MAX_OUTPUT_TOKENS),
+        ("gemini", {"generationConfig": {"maxOutputTokens": 10, "candidateCount": HUGE}},
+         MAX_CHOICES, 10 * MAX_CHOICES),
+        ("gemini", {"generation_config": {"max_output_tokens": HUGE, "candidate_count": 3}},
+         3, MAX_OUTPUT_TOKENS * 3),
+    ],
+)
+def test_huge_caps_and_choice_counts_are_clamped(dialect: str, doc: dict[str, Any],
+                                                 choices: int, cap: int) -> None:
+    info = inspect(dialect, "/v1/x", raw=json.dumps(doc).encode())
+    assert (info.choices, info.max_output_tokens) == (choices, cap)
 
 
 # -------------------------------------------------------------------------------- hostile
