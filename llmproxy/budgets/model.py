@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 NANOS_PER_USD = 1_000_000_000
 #: The budget windows: a UTC calendar day, a UTC calendar month, and ever (prepaid).
 WINDOWS = ("day", "month", "total")
@@ -108,7 +110,6 @@ def budget_from_json(value: Any) -> Budget | None:
         return None
 
 
-log = logging.getLogger(__name__)
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
